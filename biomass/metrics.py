@@ -1,0 +1,46 @@
+"""The competition metric, used by training, CV, ablations, inference and `biomass.score`.
+
+R2_w = 1 - sum w_j (y_j - p_j)^2 / sum w_j (y_j - ybar_w)^2 over all (image, target) rows together, each row weighted
+by its target (.1 .1 .1 .2 .5), with ybar_w = sum w_j y_j / sum w_j one weighted mean over all rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from biomass.constants import TARGET_WEIGHTS, TARGETS
+
+
+def r2_weighted_rows(y_true: np.ndarray, y_pred: np.ndarray, weights: np.ndarray) -> float:
+    """R2 over flat rows with per-row weights and one weighted mean (sklearn's r2_score with sample_weight)."""
+    y, p, w = (np.asarray(a, dtype=np.float64).ravel() for a in (y_true, y_pred, weights))
+    if not (y.shape == p.shape == w.shape):
+        raise ValueError(f"shape mismatch: y_true {y.shape}, y_pred {p.shape}, weights {w.shape}")
+    mean = np.sum(w * y) / np.sum(w)
+    ss_tot = np.sum(w * (y - mean) ** 2)
+    ss_res = np.sum(w * (y - p) ** 2)
+    if ss_tot == 0:
+        return 1.0 if ss_res == 0 else 0.0
+    return float(1.0 - ss_res / ss_tot)
+
+
+def weighted_r2(y_true: np.ndarray, y_pred: np.ndarray, weights: tuple[float, ...] = TARGET_WEIGHTS) -> float:
+    """The competition score for wide arrays (n_images, n_targets), columns in TARGETS order."""
+    y, p = np.asarray(y_true, dtype=np.float64), np.asarray(y_pred, dtype=np.float64)
+    if y.ndim != 2 or y.shape != p.shape or y.shape[1] != len(weights):
+        raise ValueError(f"expected two (n, {len(weights)}) arrays, got {y.shape} and {p.shape}")
+    w = np.broadcast_to(np.asarray(weights, dtype=np.float64), y.shape)
+    return r2_weighted_rows(y, p, w)
+
+
+def per_target_r2(y_true: np.ndarray, y_pred: np.ndarray, names: tuple[str, ...] = TARGETS) -> dict[str, float]:
+    """Ordinary R2 of each column (each with its own mean)."""
+    y, p = np.asarray(y_true, dtype=np.float64), np.asarray(y_pred, dtype=np.float64)
+    ones = np.ones(len(y))
+    return {name: r2_weighted_rows(y[:, j], p[:, j], ones) for j, name in enumerate(names)}
+
+
+def score_report(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, object]:
+    """Global weighted R2 (the one to select on), per-target R2 and their mean."""
+    per = per_target_r2(y_true, y_pred)
+    return {"weighted_r2": weighted_r2(y_true, y_pred), "mean_target_r2": float(np.mean(list(per.values()))),
+            "per_target": per}

@@ -1,0 +1,169 @@
+"""Backbones (registry `backbone`): any timm model as a token extractor, with offline weights and freezing.
+
+A backbone maps a normalised image batch (B, 3, H, W) to tokens (B, N, C): ViTs give their prefix tokens (CLS,
+registers) then the patch grid; CNNs give their last feature map flattened to a grid with no prefix. `FeatureSpec`
+tells poolings how to read them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from biomass.errors import ConfigError
+from biomass.registry import BACKBONES
+
+# Key prefixes that training wrappers put in front of a timm state dict (DDP, Lightning, our own fold models).
+_WRAPPER_PREFIXES = ("module.", "model.", "backbone.model.", "backbone.", "encoder.", "_orig_mod.")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    dim: int  # channels per token
+    num_prefix_tokens: int  # CLS + register tokens ahead of the patch grid
+    patch_size: int  # pixels per token side (the stride, for CNNs)
+    grid: tuple[int, int]  # patch-grid rows and columns for the configured image size
+
+
+class TimmBackbone(nn.Module):
+    def __init__(self, model: nn.Module, image_size: tuple[int, int]):
+        super().__init__()
+        self.model = model
+        self.is_vit = hasattr(model, "num_prefix_tokens") and hasattr(model, "patch_embed")
+        if self.is_vit:
+            patch = model.patch_embed.patch_size
+            patch = patch[0] if isinstance(patch, tuple) else patch
+            self.spec = FeatureSpec(model.num_features, model.num_prefix_tokens, patch,
+                                    (image_size[0] // patch, image_size[1] // patch))
+        else:
+            stride = model.feature_info[-1]["reduction"]
+            self.spec = FeatureSpec(model.num_features, 0, stride,
+                                    (math.ceil(image_size[0] / stride), math.ceil(image_size[1] / stride)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model.forward_features(x)
+        if out.ndim == 4:  # CNN map (B, C, H, W) -> tokens (B, H*W, C)
+            out = out.flatten(2).transpose(1, 2)
+        return out
+
+
+def clean_state_dict(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes until the keys line up with the model's, and drop classifier weights."""
+    state = dict(state)
+    for _ in range(3):
+        if not state or set(state) & expected:
+            break
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                break
+        else:
+            stripped = {k.split(".", 1)[1] if "." in k else k: v for k, v in state.items()}
+            if set(stripped) & expected:
+                state = stripped
+            break
+    # num_classes=0: the checkpoint's classifier has no place in a feature extractor.
+    return {k: v for k, v in state.items() if not (k.startswith(("head.", "fc.", "classifier.")) and k not in expected)}
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"backbone weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:  # .pth / .bin / .pt: tensors only, never arbitrary pickled objects
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(f"backbone weights {path}: cannot be read ({' '.join(str(err).split())[:200]})") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"backbone weights {path}: not a state dict of tensors")
+    return state
+
+
+def load_weights(model: nn.Module, path: Path, strict: bool, model_name: str) -> None:
+    expected = dict(model.state_dict())
+    state = clean_state_dict(read_weights(path), set(expected))
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if strict and (missing or unexpected or mismatched):
+        parts = []
+        if mismatched:
+            k = mismatched[0]
+            parts.append(f"{len(mismatched)} with the wrong shape (e.g. {k}: file {tuple(state[k].shape)}, "
+                         f"model {tuple(expected[k].shape)})")
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise ConfigError(f"backbone weights {path} do not match {model_name}: {'; '.join(parts)} keys. "
+                          "Set model.backbone.strict=false to load what matches")
+    usable = {k: v for k, v in state.items() if k in expected and k not in mismatched}
+    model.load_state_dict(usable, strict=False)
+    if not strict and (missing or unexpected or mismatched):
+        print(f"backbone weights {path.name}: loaded {len(usable)} tensors; {len(missing)} missing, "
+              f"{len(unexpected)} unexpected, {len(mismatched)} shape-mismatched (strict=false)")
+
+
+def freeze(model: nn.Module, fraction: float = 0.0, blocks: int | None = None) -> int:
+    """Freeze the first `fraction` of parameter tensors in named_parameters() order (the seed's rule), or every
+    parameter ahead of transformer block `blocks`. Returns the number of frozen tensors."""
+    params = list(model.named_parameters())
+    if blocks is not None:
+        marker = f"blocks.{blocks}."
+        names = [n for n, _ in params]
+        if not any(".blocks." in f".{n}" or n.startswith("blocks.") for n in names):
+            raise ConfigError("model.backbone.freeze_blocks needs a transformer with `blocks`; use freeze_fraction")
+        cut = next((i for i, n in enumerate(names) if n.startswith(marker) or f".{marker}" in n), len(params))
+    else:
+        cut = int(len(params) * fraction)
+    for _, p in params[:cut]:
+        p.requires_grad_(False)
+    return cut
+
+
+@BACKBONES.register("timm")
+def timm_backbone(image_size: tuple[int, int], /, *, model_name: str, pretrained: bool = False,
+                  weights: Path | None = None, strict: bool = True, freeze_fraction: float = 0.0,
+                  freeze_blocks: int | None = None, grad_checkpointing: bool = False,
+                  drop_path_rate: float | None = None, model_kwargs: dict = {}) -> TimmBackbone:  # noqa: B006
+    """Any timm model by name, without classifier; weights from a local file (offline) or the hub if pretrained."""
+    if pretrained and weights:
+        raise ConfigError("model.backbone: set either pretrained=true (download) or weights=PATH (local), not both")
+    if not 0.0 <= freeze_fraction <= 1.0:
+        raise ConfigError(f"model.backbone.freeze_fraction must be within [0, 1], got {freeze_fraction}")
+    if freeze_fraction and freeze_blocks is not None:
+        raise ConfigError("model.backbone: set freeze_fraction or freeze_blocks, not both")
+    if model_name not in timm.list_models() and model_name.split(".")[0] not in timm.list_models():
+        from biomass.errors import suggest
+
+        raise ConfigError(f"model.backbone.model_name: unknown timm model {model_name!r}"
+                          f"{suggest(model_name, timm.list_models())}")
+    kwargs = dict(model_kwargs)
+    if drop_path_rate is not None:
+        kwargs["drop_path_rate"] = drop_path_rate
+    try:  # ViTs size their position grid from img_size; CNNs take any size and reject the argument
+        model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, img_size=tuple(image_size),
+                                  **kwargs)
+    except TypeError as err:
+        if "img_size" not in str(err):
+            raise
+        model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
+    if weights:
+        load_weights(model, Path(weights), strict, model_name)
+    freeze(model, freeze_fraction, freeze_blocks)
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return TimmBackbone(model, tuple(image_size))
+

@@ -1,0 +1,103 @@
+"""One small Registry type and one instance per kind of component.
+
+A builder is a plain function (or class) registered under a short snake_case name; its keyword arguments, with type
+hints and defaults, are the config node's schema: `{name: gem, p: 3.0}` calls `POOLINGS.build("gem", p=3.0, ...)`.
+`python -m biomass.registry` prints every registered component.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from biomass.errors import ConfigError, close_matches
+
+
+class Registry:
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._builders: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def add(fn: Callable[..., Any]) -> Callable[..., Any]:
+            key = name or fn.__name__
+            if key in self._builders:
+                raise ValueError(f"{self.kind} {key!r} is registered twice ({self._builders[key]!r} and {fn!r})")
+            self._builders[key] = fn
+            return fn
+
+        return add
+
+    def get(self, name: str) -> Callable[..., Any]:
+        if name not in self._builders:
+            near = close_matches(name, self._builders)
+            hint = f" Did you mean {', '.join(repr(m) for m in near)}?" if near else ""
+            raise ConfigError(f"unknown {self.kind} {name!r}.{hint} Available: {', '.join(self.names())}")
+        return self._builders[name]
+
+    def build(self, name: str, *context: Any, **kwargs: Any) -> Any:
+        """Call the builder: runtime context positionally (sizes, dims), config values as keywords."""
+        return self.get(name)(*context, **kwargs)
+
+    def names(self) -> list[str]:
+        return sorted(self._builders)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._builders
+
+    def parameters(self, name: str) -> dict[str, inspect.Parameter]:
+        """The builder's configurable keyword arguments (those a config node may set)."""
+        sig = inspect.signature(self.get(name))
+        return {
+            k: p for k, p in sig.parameters.items()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and not k.startswith("_")
+        }
+
+    def describe(self, name: str) -> str:
+        doc = inspect.getdoc(self.get(name)) or ""
+        return doc.splitlines()[0] if doc else ""
+
+
+BACKBONES = Registry("backbone")
+POOLINGS = Registry("pooling")
+HEADS = Registry("head")
+LOSSES = Registry("loss")
+SCHEDULERS = Registry("scheduler")
+SPLITTERS = Registry("fold splitter")
+
+ALL: dict[str, Registry] = {r.kind: r for r in (BACKBONES, POOLINGS, HEADS, LOSSES, SCHEDULERS, SPLITTERS)}
+
+
+def load_components() -> None:
+    """Import every module that registers something, explicitly, so no registry is ever half-filled."""
+    import biomass.data.folds  # noqa: F401
+    import biomass.losses  # noqa: F401
+    import biomass.models.backbones  # noqa: F401
+    import biomass.models.heads  # noqa: F401
+    import biomass.models.poolings  # noqa: F401
+    import biomass.schedulers  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    load_components()
+    table = Table(title="biomass components")
+    for col in ("kind", "name", "arguments (defaults)", "what it is"):
+        table.add_column(col)
+    for kind, reg in ALL.items():
+        for name in reg.names():
+            params = ", ".join(
+                k if p.default is inspect.Parameter.empty else f"{k}={p.default!r}"
+                for k, p in reg.parameters(name).items()
+            )
+            table.add_row(kind, name, params, reg.describe(name))
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    from biomass.errors import run_cli
+
+    run_cli(main)

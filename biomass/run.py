@@ -1,0 +1,131 @@
+"""Cross-validated training: `accelerate launch -m biomass.run EXPERIMENT [key=value ...] [--run-dir DIR]`.
+
+Also `python -m biomass.run ...` (one process). `--dry-run` validates the experiment (and the data, when present) and
+prints the resolved config. Trains the configured stages (main, then aux) fold by fold into one run directory:
+
+  config.yaml  folds.csv  main/fold<k>/best.{safetensors,json}  aux/fold<k>/...  oof.csv  [oof_deployable.csv]
+  metrics.json  plots/  run.json (status: running | completed | failed)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from biomass.config import Experiment, ExperimentConfig, load_experiment, to_yaml
+from biomass.constants import TABULAR, TARGETS, sample_id
+from biomass.data.table import Box, check_images, read_crops, read_train
+from biomass.errors import BiomassError, ConfigError, DataError, run_cli
+
+STATUS_FILE = "run.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainData:
+    root: Path
+    table: pd.DataFrame
+    sizes: dict[str, tuple[int, int]]
+    boxes: dict[str, Box]
+
+
+def ensure_demo_data(exp: Experiment) -> None:
+    """Generate the demo dataset into the experiment's own default `data.root` on first use. A root given on the
+    command line is never generated into: a missing one is an error."""
+    data = exp.config.data
+    if data.root.exists() or data.demo is None or exp.from_cli("data.root"):
+        return
+    from biomass.data.synthetic import generate
+
+    print(f"demo data: generating {data.demo.n_train} train + {data.demo.n_test} test images into {data.root}")
+    generate(data.root, n_train=data.demo.n_train, n_test=data.demo.n_test, seed=data.demo.seed,
+             width=data.demo.width, height=data.demo.height)
+
+
+def load_train_data(cfg: ExperimentConfig) -> TrainData:
+    """Read and check everything before the first training step: tables, every image, crop boxes."""
+    root = cfg.data.root
+    if not root.is_dir():
+        raise DataError(f"data.root {root} does not exist (or is not a directory)")
+    table = read_train(root, cfg.data.train_csv)
+    sizes = check_images(root, table["image_path"], cfg.data.check_images)
+    needs_crops = cfg.main.image.crop or (cfg.aux is not None and cfg.aux.image.crop)
+    boxes: dict[str, Box] = {}
+    if needs_crops:
+        if not cfg.data.crops:
+            raise ConfigError("image.crop is true but data.crops names no crop file")
+        boxes = read_crops(root / cfg.data.crops, sizes)
+    return TrainData(root, table, sizes, boxes)
+
+
+def _progress_enabled() -> bool:
+    return sys.stdout.isatty() and not os.environ.get("CI")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m biomass.run", description="Train an experiment with K-fold CV.")
+    parser.add_argument("experiment", type=Path, nargs="?", help="experiment YAML (not with --resume)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides (values parsed as YAML)")
+    parser.add_argument("--run-dir", type=Path, help="output directory (default runs/<name>/<timestamp>)")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; train nothing")
+    parser.add_argument("--force", action="store_true", help="write into an existing --run-dir")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    args = parser.parse_intermixed_args(argv)
+    if args.experiment is None:
+        parser.error("an experiment YAML is required")
+    if "=" in str(args.experiment):
+        raise ConfigError(f"the first argument must be the experiment file, got the override {args.experiment}")
+    exp = load_experiment(args.experiment, args.overrides)
+    cfg = exp.config
+
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        if cfg.data.root.is_dir():
+            data = load_train_data(cfg)
+            print(f"# data: {len(data.table)} train images in {cfg.data.root} checked ({cfg.data.check_images})"
+                  f"{f', {len(data.boxes)} crop boxes' if data.boxes else ''}")
+        else:
+            note = " (the demo data is generated there on first use)" if cfg.data.demo else ""
+            print(f"# data: {cfg.data.root} not found; not checked{note}")
+        return 0
+
+    from biomass.train import train_experiment
+
+    train_experiment(exp, run_dir=args.run_dir, force=args.force)
+    return 0
+
+
+def new_run_dir(cfg: ExperimentConfig, run_dir: Path | None, force: bool) -> Path:
+    if run_dir is None:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / cfg.name / stamp
+    run_dir = run_dir.resolve()
+    if run_dir.exists() and any(run_dir.iterdir()) and not force:
+        raise BiomassError(f"run directory {run_dir} already exists; pass --force to overwrite it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def long_format(image_ids: pd.Series, values: np.ndarray, names=TARGETS) -> pd.DataFrame:
+    """Wide (n_images, n_targets) -> Kaggle's long `sample_id,target`."""
+    rows = [(sample_id(i, t), float(values[r, j])) for r, i in enumerate(image_ids) for j, t in enumerate(names)]
+    return pd.DataFrame(rows, columns=["sample_id", "target"])
+
+
+def elapsed(start: float) -> str:
+    return str(dt.timedelta(seconds=round(time.time() - start)))
+
+
+__all__ = ["TABULAR", "TrainData", "ensure_demo_data", "load_train_data", "long_format", "main", "new_run_dir"]
+
+
+if __name__ == "__main__":
+    run_cli(main)

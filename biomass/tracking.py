@@ -1,0 +1,108 @@
+"""MLflow tracking, main process only. Tracking URI from MLFLOW_TRACKING_URI, else MLflow's default.
+
+One run per invocation (params: the flattened resolved config; tags: git commit, dirty flag, experiment file), one
+nested child run per stage and fold. Metric names are stable across runs: `train/loss`, `val/loss`,
+`val/weighted_r2`, `lr` per epoch; `fold/weighted_r2` per fold; `cv/weighted_r2`, `cv/<target>_r2` at the end.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from biomass.config import flatten
+
+_MAX_PARAM = 6000  # MLflow's limit on a param value
+
+
+def git_state(cwd: Path | None = None) -> dict[str, str]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=cwd, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()} if commit else {}
+
+
+class Tracker:
+    """A thin layer over mlflow's fluent API; a disabled tracker (other processes, tracking off) does nothing."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.run_id: str | None = None
+        if enabled:
+            import mlflow
+
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
+            self.mlflow = mlflow
+
+    def start(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
+              run_id: str | None = None, parent_run_id: str | None = None) -> str | None:
+        if not self.enabled:
+            return None
+        mlflow = self.mlflow
+        mlflow.set_experiment(experiment)
+        if run_id:  # resume: continue the same run rather than start a duplicate
+            mlflow.start_run(run_id=run_id)
+        else:
+            extra = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+            mlflow.start_run(run_name=run_name, tags={**tags, **extra})
+            flat = {k: str(v)[:_MAX_PARAM] for k, v in flatten(params).items()}
+            items = list(flat.items())
+            for i in range(0, len(items), 90):  # log_params takes at most 100 per call
+                mlflow.log_params(dict(items[i:i + 90]))
+        self.run_id = mlflow.active_run().info.run_id
+        return self.run_id
+
+    def child(self, name: str, tags: dict[str, str] | None = None):
+        if not self.enabled:
+            import contextlib
+
+            return contextlib.nullcontext()
+        return self.mlflow.start_run(run_name=name, nested=True, tags=tags or {})
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        if self.enabled:
+            self.mlflow.log_metrics({k.replace("@", "_"): float(v) for k, v in values.items()}, step=step)
+
+    def artifact(self, path: Path, folder: str | None = None) -> None:
+        if self.enabled and Path(path).exists():
+            self.mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled and self.mlflow.active_run() is not None:
+            while self.mlflow.active_run() is not None:
+                self.mlflow.end_run(status=status)
+
+
+def scatter_plot(y_true, y_pred, names, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2))
+    for j, (ax, name) in enumerate(zip(np.atleast_1d(axes), names)):
+        y, p = y_true[:, j], y_pred[:, j]
+        ok = ~np.isnan(p)
+        ax.scatter(y[ok], p[ok], s=8, alpha=0.6)
+        hi = float(max(y[ok].max(initial=1), p[ok].max(initial=1)))
+        ax.plot([0, hi], [0, hi], "k--", lw=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("true (g)")
+        ax.set_ylabel("predicted (g)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", "(MLflow default)")
