@@ -107,7 +107,7 @@ class OptimConfig(Section):
 
 class TrainConfig(Section):
     epochs: PositiveInt
-    batch_size: PositiveInt
+    batch_size: PositiveInt  # global: split across processes
     eval_batch_size: PositiveInt | None = None  # None: 2 x batch_size
     drop_last: bool = True
     patience: PositiveInt | None = None  # early stopping, in epochs without improvement
@@ -198,12 +198,12 @@ def load_experiment_dict(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, 
         raise ConfigError(f"{path}: `base:` chain loops back to itself")
     raw = load_yaml(path)
     base = raw.pop("base", None)
-    raw = resolve_paths(raw, ExperimentConfig, path.parent)
     if base is None:
-        return raw
+        return resolve_paths(raw, ExperimentConfig, path.parent)
     if not isinstance(base, str):
         raise ConfigError(f"{path}: `base` must be a file name, got {base!r}")
-    return deep_merge(load_experiment_dict(path.parent / base, (*_seen, path)), raw)
+    below = load_experiment_dict(path.parent / base, (*_seen, path))
+    return deep_merge(below, resolve_paths(raw, ExperimentConfig, path.parent, below))
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -240,7 +240,7 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
 
     load_components()  # component nodes' path arguments resolve through their builders' type hints
     raw = load_experiment_dict(Path(path))
-    raw = deep_merge(raw, resolve_paths(parse_overrides(list(overrides)), ExperimentConfig, Path.cwd()))
+    raw = deep_merge(raw, resolve_paths(parse_overrides(list(overrides)), ExperimentConfig, Path.cwd(), raw))
     return Experiment(validate(raw), Path(path).resolve(), tuple(overrides))
 
 
@@ -282,8 +282,13 @@ def _resolve(value: Any, base: Path) -> Any:
     return value
 
 
-def resolve_paths(raw: dict[str, Any], model: type[BaseModel], base: Path) -> dict[str, Any]:
-    """Make every Path-typed value in `raw` absolute, relative to `base` (the file's folder, or the CWD)."""
+def resolve_paths(raw: dict[str, Any], model: type[BaseModel], base: Path,
+                  below: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Make every Path-typed value in `raw` absolute, relative to `base` (the file's folder, or the CWD).
+
+    `below` is the config `raw` will be merged onto: it names the component of a node that changes only arguments.
+    """
+    below = below if isinstance(below, dict) else {}
     out = dict(raw)
     for key, value in raw.items():
         field = model.model_fields.get(key)
@@ -291,8 +296,11 @@ def resolve_paths(raw: dict[str, Any], model: type[BaseModel], base: Path) -> di
             continue
         types = _unwrap(field.annotation)
         registry = _registry_of(field)
-        if registry is not None and isinstance(value, dict) and value.get("name") in registry:
-            hints = typing.get_type_hints(registry.get(value["name"]))
+        under = below.get(key)
+        name = value.get("name", under.get("name") if isinstance(under, dict) else None) \
+            if isinstance(value, dict) else None
+        if registry is not None and isinstance(name, str) and name in registry:
+            hints = typing.get_type_hints(registry.get(name))
             out[key] = {
                 k: _resolve(v, base) if Path in _unwrap(hints.get(k, Any)) else v for k, v in value.items()
             }
@@ -301,7 +309,7 @@ def resolve_paths(raw: dict[str, Any], model: type[BaseModel], base: Path) -> di
         elif isinstance(value, dict):
             sub = next((t for t in types if isinstance(t, type) and issubclass(t, BaseModel)), None)
             if sub is not None:
-                out[key] = resolve_paths(value, sub, base)
+                out[key] = resolve_paths(value, sub, base, under)
     return out
 
 

@@ -57,12 +57,25 @@ def fit_scalers(stage_name: str, stage: StageConfig, table, train_idx: np.ndarra
     return scalers
 
 
+def per_process_batch(global_batch: int, num_processes: int, key: str) -> int:
+    """`train.batch_size` is the global batch: N processes take batch/N each, so the optimisation (steps, images
+    per step, learning rate) is the same whatever the process count."""
+    if global_batch % num_processes:
+        from biomass.errors import ConfigError
+
+        raise ConfigError(f"{key}={global_batch} is the global batch and must divide among {num_processes} processes")
+    return global_batch // num_processes
+
+
 def make_loader(reader: Reader, index: np.ndarray, tabular: np.ndarray, targets: np.ndarray | None,
-                stage: StageConfig, seed: int, train: bool, num_workers: int) -> DataLoader:
+                stage: StageConfig, seed: int, train: bool, num_workers: int, num_processes: int = 1) -> DataLoader:
     augment = build_augment(stage.augment.train if train else stage.augment.val)
     dataset = ImageDataset(lambda i: reader(int(index[i])), len(index), tabular[index],
                            None if targets is None else targets[index], augment, seed, stage.image.layout)
-    batch = stage.train.batch_size if train else (stage.train.eval_batch_size or 2 * stage.train.batch_size)
+    if train:
+        batch = per_process_batch(stage.train.batch_size, num_processes, "train.batch_size")
+    else:  # evaluation batches only bound memory: round up instead of insisting on divisibility
+        batch = max(1, -(-(stage.train.eval_batch_size or 2 * stage.train.batch_size) // num_processes))
     return DataLoader(dataset, batch_size=batch, sampler=EpochSampler(len(index), seed, shuffle=train),
                       drop_last=train and stage.train.drop_last and len(index) > batch, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
@@ -192,8 +205,11 @@ def fit_fold(accelerator: Accelerator, *, stage_name: str, stage: StageConfig, t
             raise RuntimeError(f"init_from checkpoint lacks backbone keys, e.g. {missing.missing_keys[0]}")
     model.target_space.fit(scalers["targets"], y_std[train_idx])
 
-    train_loader = make_loader(reader, train_idx, x_tab, y_std, stage, draw_seed(seed, fold, 2), True, num_workers)
-    val_loader = make_loader(reader, val_idx, x_tab, y_std, stage, draw_seed(seed, fold, 3), False, num_workers)
+    n_proc = accelerator.num_processes
+    train_loader = make_loader(reader, train_idx, x_tab, y_std, stage, draw_seed(seed, fold, 2), True, num_workers,
+                               n_proc)
+    val_loader = make_loader(reader, val_idx, x_tab, y_std, stage, draw_seed(seed, fold, 3), False, num_workers,
+                             n_proc)
     optimizer = make_optimizer(model, stage, accelerator.device)
     sched_cfg = dict(stage.scheduler)
     scheduler = SCHEDULERS.get(sched_cfg.pop("name"))(optimizer, **sched_cfg)

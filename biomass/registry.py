@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     load_components()
     table = Table(title="biomass components")
     for col in ("kind", "name", "arguments (defaults)", "what it is"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("kind", "name"))  # names in full, even on a narrow terminal or pipe
     for kind, reg in ALL.items():
         for name in reg.names():
             params = ", ".join(
@@ -99,5 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     from biomass.errors import run_cli
+    # This file runs as `__main__`, a second copy of the module: the components register into `biomass.registry`.
+    from biomass.registry import main as registry_main
 
-    run_cli(main)
+    run_cli(registry_main)

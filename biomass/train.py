@@ -38,6 +38,8 @@ from biomass.run import (
 from biomass.tracking import Tracker, git_state, scatter_plot
 
 STAGE_SEED = {"main": 0, "aux": 1}
+SHORT = {"Dry_Green_g": "Green", "Dry_Dead_g": "Dead", "Dry_Clover_g": "Clover", "GDM_g": "GDM",
+         "Dry_Total_g": "Total", "Pre_GSHH_NDVI": "NDVI", "Height_Ave_cm": "Height"}
 
 
 def fold_ids(stage: StageConfig, table: pd.DataFrame) -> np.ndarray:
@@ -219,23 +221,23 @@ def print_config_tree(console, cfg: ExperimentConfig) -> None:
 def summary_table(console, metrics: dict[str, Any], results: dict[str, list[FoldResult]]) -> None:
     from rich.table import Table
 
-    table = Table(title="cross-validation (out-of-fold, original units)")
+    table = Table(title="cross-validation R² (out-of-fold, original units)")
     table.add_column("stage / fold")
-    table.add_column("best epoch", justify="right")
+    table.add_column("epoch", justify="right")
     table.add_column("score", justify="right")
     names = list(TARGETS) + list(TABULAR)
-    for n in names:
-        table.add_column(f"{n} R²", justify="right")
+    for n in names:  # short headers keep the table readable in an 80-column terminal
+        table.add_column(SHORT.get(n, n), justify="right")
     for stage_name, stage_results in results.items():
         for r in stage_results:
             cells = [f"{r.best.get(f'r2/{n}', float('nan')):.3f}" if f"r2/{n}" in r.best else "" for n in names]
             table.add_row(f"{stage_name} fold {r.fold}", str(r.best_epoch), f"{r.best['score']:.4f}", *cells)
     cells = [f"{metrics[f'cv/{n}_r2']:.3f}" if f"cv/{n}_r2" in metrics else "" for n in TARGETS]
-    table.add_row("[bold]CV (true NDVI/Height)", "", f"[bold]{metrics['cv/weighted_r2']:.4f}", *cells,
+    table.add_row("[bold]CV", "", f"[bold]{metrics['cv/weighted_r2']:.4f}", *cells,
                   *[""] * len(TABULAR))
     if "cv/weighted_r2_deployable" in metrics:
         cells = [f"{metrics[f'cv/aux_{n}_r2']:.3f}" for n in TABULAR]
-        table.add_row("[bold]CV deployable (aux NDVI/Height)", "", f"[bold]{metrics['cv/weighted_r2_deployable']:.4f}",
+        table.add_row("[bold]CV deployable", "", f"[bold]{metrics['cv/weighted_r2_deployable']:.4f}",
                       *[""] * len(TARGETS), *cells)
     console.print(table)
 

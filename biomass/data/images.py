@@ -83,6 +83,9 @@ def build_augment(specs: Sequence[dict[str, Any]], key: str = "augment") -> A.Co
         except Exception as err:  # albumentations validates with pydantic; its message names the argument
             msg = " ".join(str(err).split())
             raise ConfigError(f"config key {where!r} ({name}): {msg}") from None
+        unknown = getattr(transforms[-1], "invalid_args", None)  # albumentations only warns about these
+        if unknown:
+            raise ConfigError(f"config key {where!r} ({name}): unknown argument(s) {', '.join(map(repr, unknown))}")
     return A.Compose(transforms)
 
 
