@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; train nothing")
     parser.add_argument("--force", action="store_true", help="write into an existing --run-dir")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    parser.add_argument("--parent-run-id", help="log as a nested MLflow child of this run (used by biomass.ablate)")
+    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="extra MLflow tag")
     args = parser.parse_intermixed_args(argv)
     if args.experiment is None:
         parser.error("an experiment YAML is required")
@@ -99,7 +101,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from biomass.train import train_experiment
 
-    train_experiment(exp, run_dir=args.run_dir, force=args.force)
+    tags = {}
+    for item in args.tag:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--tag {item!r} is not KEY=VALUE")
+        tags[key] = value
+    train_experiment(exp, run_dir=args.run_dir, force=args.force, parent_run_id=args.parent_run_id, tags=tags)
     return 0
 
 

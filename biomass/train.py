@@ -242,7 +242,8 @@ def summary_table(console, metrics: dict[str, Any], results: dict[str, list[Fold
     console.print(table)
 
 
-def train_experiment(exp: Experiment, run_dir: Path | None = None, force: bool = False) -> Path:
+def train_experiment(exp: Experiment, run_dir: Path | None = None, force: bool = False,
+                     parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
     from rich.console import Console
@@ -277,8 +278,10 @@ def train_experiment(exp: Experiment, run_dir: Path | None = None, force: bool =
         if aux_folds is not None:
             folds_df["aux_fold"] = aux_folds
         folds_df.to_csv(run_dir / "folds.csv", index=False)
-        tags = {**git_state(Path(__file__).parent), "experiment_file": str(exp.path), "run_dir": str(run_dir)}
-        status["mlflow_run_id"] = tracker.start(cfg.tracking.experiment or cfg.name, f"{cfg.name}", cfg.dump(), tags)
+        all_tags = {**git_state(Path(__file__).parent), "experiment_file": str(exp.path), "run_dir": str(run_dir),
+                    **(tags or {})}
+        status["mlflow_run_id"] = tracker.start(cfg.tracking.experiment or cfg.name, all_tags.get("variant", cfg.name),
+                                                cfg.dump(), all_tags, parent_run_id=parent_run_id)
         write_json(run_dir / STATUS_FILE, status)
         console.print(f"run directory: {run_dir}")
     try:
