@@ -175,6 +175,41 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def save_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+               progress: dict[str, Any]) -> None:
+    """Model, optimizer and scheduler state plus training progress: safetensors + JSON, no pickles. The JSON is
+    written last, so a state whose JSON exists is complete (a kill mid-save leaves the previous epoch's JSON)."""
+    from safetensors.torch import save_file, save_model
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    epoch = progress["epoch"]
+    save_model(model, str(state_dir / f"model-{epoch}.safetensors"))
+    opt = optimizer.state_dict()
+    tensors = {f"{pid}.{name}": value.detach().cpu().contiguous() for pid, st in opt["state"].items() for name, value in st.items()
+               if isinstance(value, torch.Tensor)}
+    save_file(tensors, str(state_dir / f"optimizer-{epoch}.safetensors"))
+    meta = {"param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(), "progress": progress}
+    write_json(state_dir / "progress.json", meta)
+    for old in state_dir.glob("*.safetensors"):  # keep only the epoch the JSON points to
+        if not old.stem.endswith(f"-{epoch}"):
+            old.unlink(missing_ok=True)
+
+
+def load_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
+    from safetensors.torch import load_file, load_model
+
+    meta = json.loads((state_dir / "progress.json").read_text())
+    epoch = meta["progress"]["epoch"]
+    load_model(model, str(state_dir / f"model-{epoch}.safetensors"), device=str(next(model.parameters()).device))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(state_dir / f"optimizer-{epoch}.safetensors")).items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    return meta["progress"]
+
+
 def improved(metrics: dict[str, float], best: dict[str, float] | None, select_by: str) -> bool:
     if best is None:
         return True
@@ -186,8 +221,13 @@ def improved(metrics: dict[str, float], best: dict[str, float] | None, select_by
 def fit_fold(accelerator: Accelerator, *, stage_name: str, stage: StageConfig, table, reader: Reader, fold: int,
              train_idx: np.ndarray, val_idx: np.ndarray, seed: int, num_workers: int, ckpt_path: Path,
              init_state: dict[str, torch.Tensor] | None = None, log=None, progress=None,
-             extra_meta: dict[str, Any] | None = None) -> FoldResult:
-    """Train one fold; keep the best epoch's checkpoint at `ckpt_path` and return its validation predictions."""
+             extra_meta: dict[str, Any] | None = None, state_dir: Path | None = None) -> FoldResult:
+    """Train one fold; keep the best epoch's checkpoint at `ckpt_path` and return its validation predictions.
+
+    With `state_dir`, the full training state is saved after every epoch and, when present, training resumes from
+    it: the result equals an uninterrupted run's, since data order, augmentation and dropout draws are functions of
+    (seed, fold, epoch) and everything else is in the state.
+    """
     scalers = fit_scalers(stage_name, stage, table, train_idx)
     y_all = table[list(STAGE_TARGETS[stage_name])].to_numpy(np.float64)
     y_std = scalers["targets"].transform(y_all).astype(np.float32)
@@ -217,9 +257,17 @@ def fit_fold(accelerator: Accelerator, *, stage_name: str, stage: StageConfig, t
     loss_fn.to(accelerator.device)
 
     y_val = y_all[val_idx]
-    best: dict[str, float] | None = None
-    best_epoch, best_pred, stale, history = -1, None, 0, []
-    for epoch in range(stage.train.epochs):
+    progress_state: dict[str, Any] = {"epoch": -1, "best": None, "best_epoch": -1, "best_pred": None, "stale": 0,
+                                      "history": []}
+    if state_dir is not None and (state_dir / "progress.json").is_file():  # resume after the last saved epoch
+        progress_state = load_state(state_dir, accelerator.unwrap_model(model), optimizer, scheduler)
+    best, best_epoch, stale, history = (progress_state["best"], progress_state["best_epoch"], progress_state["stale"],
+                                        progress_state["history"])
+    best_pred = None if progress_state["best_pred"] is None else np.asarray(progress_state["best_pred"])
+    finished = stage.train.patience is not None and stale >= stage.train.patience
+    for epoch in range(progress_state["epoch"] + 1, 0 if finished else stage.train.epochs):
+        # Dropout draws from torch's RNG: seed it per epoch, so a resumed epoch draws what the original did.
+        torch.manual_seed(draw_seed(seed, fold, 4, epoch))
         train_loader.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         train_loss = train_one_epoch(accelerator, model, train_loader, loss_fn, optimizer, stage, progress)
@@ -246,8 +294,13 @@ def fit_fold(accelerator: Accelerator, *, stage_name: str, stage: StageConfig, t
                 save_checkpoint(accelerator.unwrap_model(model), ckpt_path, meta)
         else:
             stale += 1
-            if stage.train.patience and stale >= stage.train.patience:
-                break
+        if state_dir is not None and accelerator.is_main_process:
+            save_state(state_dir, accelerator.unwrap_model(model), optimizer, scheduler,
+                       {"epoch": epoch, "best": best, "best_epoch": best_epoch, "best_pred": best_pred.tolist(),
+                        "stale": stale, "history": history})
+        accelerator.wait_for_everyone()
+        if stage.train.patience and stale >= stage.train.patience:
+            break
     accelerator.wait_for_everyone()
     accelerator.free_memory()
     assert best is not None and best_pred is not None

@@ -77,10 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, help="output directory (default runs/<name>/<timestamp>)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; train nothing")
     parser.add_argument("--force", action="store_true", help="write into an existing --run-dir")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     parser.add_argument("--parent-run-id", help="log as a nested MLflow child of this run (used by biomass.ablate)")
     parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="extra MLflow tag")
     args = parser.parse_intermixed_args(argv)
+    if args.resume is not None:
+        from biomass.train import resume_experiment
+
+        resume_experiment(args.resume.resolve())
+        return 0
     if args.experiment is None:
         parser.error("an experiment YAML is required")
     if "=" in str(args.experiment):

@@ -58,11 +58,13 @@ class Tracker:
         self.run_id = mlflow.active_run().info.run_id
         return self.run_id
 
-    def child(self, name: str, tags: dict[str, str] | None = None):
+    def child(self, name: str, tags: dict[str, str] | None = None, run_id: str | None = None):
         if not self.enabled:
             import contextlib
 
             return contextlib.nullcontext()
+        if run_id:  # resume: continue the fold's child run
+            return self.mlflow.start_run(run_id=run_id, nested=True)
         return self.mlflow.start_run(run_name=name, nested=True, tags=tags or {})
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:

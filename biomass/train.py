@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -118,8 +120,19 @@ class Progress:
             self.bar.reset(task, total=total, description=description)
 
 
+def fold_result_to_json(r: FoldResult) -> dict[str, Any]:
+    return {"fold": r.fold, "best_epoch": r.best_epoch, "best": r.best, "val_index": r.val_index.tolist(),
+            "predictions": r.predictions.tolist(), "history": r.history}
+
+
+def fold_result_from_json(d: dict[str, Any]) -> FoldResult:
+    return FoldResult(d["fold"], d["best_epoch"], d["best"], np.asarray(d["val_index"], dtype=np.int64),
+                      np.asarray(d["predictions"], dtype=np.float64), d["history"])
+
+
 def train_stage(accelerator, cfg: ExperimentConfig, stage_name: str, data: TrainData, run_dir: Path,
-                folds: np.ndarray, tracker: Tracker, progress: Progress, console) -> tuple[np.ndarray, list[FoldResult]]:
+                folds: np.ndarray, tracker: Tracker, progress: Progress, console, children: dict[str, str],
+                on_child_started) -> tuple[np.ndarray, list[FoldResult]]:
     stage: StageConfig = getattr(cfg, stage_name)
     reader = jpeg_reader(data.root, list(data.table["image_path"]), tuple(stage.image.size),
                          data.boxes if stage.image.crop else None, data.sizes, stage.image.layout)
@@ -132,6 +145,14 @@ def train_stage(accelerator, cfg: ExperimentConfig, stage_name: str, data: Train
     batch_task = progress.task("batches", 1)
     for k in chosen:
         start = time.time()
+        done = run_dir / stage_name / f"fold{k}" / "done.json"
+        if done.is_file():  # resumed run: this fold finished before the interruption
+            result = fold_result_from_json(json.loads(done.read_text()))
+            oof[result.val_index] = result.predictions
+            results.append(result)
+            accelerator.print(f"{stage_name} fold {k}: already complete (best epoch {result.best_epoch})")
+            progress.advance(fold_task)
+            continue
         train_idx, val_idx = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
         init_state = None
         if stage_name == "aux" and stage.init_from:
@@ -150,17 +171,25 @@ def train_stage(accelerator, cfg: ExperimentConfig, stage_name: str, data: Train
             accelerator.print(f"  {stage_name} fold {k} epoch {int(row['epoch']):>3}  train/loss {row['train/loss']:.4f}"
                               f"  val/loss {row['val/loss']:.4f}  val/score {row['val/score']:.4f}  lr {row['lr']:.2e}")
 
-        ctx = tracker.child(f"{stage_name}/fold{k}", {"stage": stage_name, "fold": str(k)}) \
+        child_key = f"{stage_name}/fold{k}"
+        ctx = tracker.child(child_key, {"stage": stage_name, "fold": str(k)}, children.get(child_key)) \
             if accelerator.is_main_process else contextlib.nullcontext()
         with ctx:
+            if tracker.enabled and accelerator.is_main_process:
+                children[child_key] = tracker.mlflow.active_run().info.run_id
+                on_child_started()
             result = fit_fold(accelerator, stage_name=stage_name, stage=stage, table=data.table, reader=reader, fold=k,
                               train_idx=train_idx, val_idx=val_idx, seed=cfg.seed * 100 + STAGE_SEED[stage_name],
                               num_workers=cfg.data.num_workers, ckpt_path=checkpoint_path(run_dir, stage_name, k),
                               init_state=init_state, log=log if accelerator.is_main_process else None,
-                              progress=lambda: progress.advance(batch_task))
+                              progress=lambda: progress.advance(batch_task),
+                              state_dir=run_dir / "state" / stage_name / f"fold{k}")
             tracker.metrics({"fold/score": result.best["score"], "fold/best_epoch": result.best_epoch})
         oof[val_idx] = result.predictions
         results.append(result)
+        if accelerator.is_main_process:
+            write_json(done, fold_result_to_json(result))
+            shutil.rmtree(run_dir / "state" / stage_name / f"fold{k}", ignore_errors=True)  # GBs for a ViT-H
         tracker.metrics({f"fold/{'weighted_r2' if stage_name == 'main' else 'aux_mean_r2'}": result.best["score"]},
                         step=k)
         accelerator.print(f"{stage_name} fold {k}: best epoch {result.best_epoch}, score {result.best['score']:.4f} "
@@ -242,8 +271,13 @@ def summary_table(console, metrics: dict[str, Any], results: dict[str, list[Fold
     console.print(table)
 
 
+def _raise_interrupt(signum, frame):  # SIGTERM (pre-emption, `kill`) ends the run like Ctrl-C: KILLED, resumable
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def train_experiment(exp: Experiment, run_dir: Path | None = None, force: bool = False,
-                     parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> Path:
+                     parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                     resume: bool = False) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
     from rich.console import Console
@@ -260,7 +294,10 @@ def train_experiment(exp: Experiment, run_dir: Path | None = None, force: bool =
     accelerator.wait_for_everyone()
     data = load_train_data(cfg)  # every check before the first training step
 
-    holder = [str(new_run_dir(cfg, run_dir, force)) if accelerator.is_main_process else None]
+    if resume:
+        holder = [str(run_dir)]
+    else:
+        holder = [str(new_run_dir(cfg, run_dir, force)) if accelerator.is_main_process else None]
     broadcast_object_list(holder)
     run_dir = Path(holder[0])
     main_folds = fold_ids(cfg.main, data.table)
@@ -270,8 +307,19 @@ def train_experiment(exp: Experiment, run_dir: Path | None = None, force: bool =
     status: dict[str, Any] = {"status": "running", "format_version": 1, "biomass_version": __version__,
                               "experiment": str(exp.path), "overrides": list(exp.overrides),
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                              "num_processes": accelerator.num_processes}
-    if accelerator.is_main_process:
+                              "num_processes": accelerator.num_processes, "children": {}}
+    if resume:
+        previous = json.loads((run_dir / STATUS_FILE).read_text())
+        status.update({k: previous[k] for k in ("experiment", "overrides", "started", "children") if k in previous})
+        status["resumed"] = previous.get("resumed", 0) + 1
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if resume and accelerator.is_main_process:
+        console.print(f"resuming {run_dir}")
+        if previous.get("mlflow_run_id"):
+            status["mlflow_run_id"] = tracker.start(cfg.tracking.experiment or cfg.name, cfg.name, {}, {},
+                                                    run_id=previous["mlflow_run_id"])
+        write_json(run_dir / STATUS_FILE, status)
+    elif accelerator.is_main_process:
         print_config_tree(console, cfg)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         folds_df = data.table[["image_id", "image_path"]].assign(main_fold=main_folds)
@@ -286,13 +334,16 @@ def train_experiment(exp: Experiment, run_dir: Path | None = None, force: bool =
         console.print(f"run directory: {run_dir}")
     try:
         with Progress(_progress_enabled() and accelerator.is_main_process) as progress:
-            main_oof, main_results = train_stage(accelerator, cfg, "main", data, run_dir, main_folds, tracker,
-                                                 progress, console)
+            def on_child_started() -> None:  # record child run ids: a resumed run continues them
+                write_json(run_dir / STATUS_FILE, status)
+
+            common = dict(tracker=tracker, progress=progress, console=console, children=status["children"],
+                          on_child_started=on_child_started)
+            main_oof, main_results = train_stage(accelerator, cfg, "main", data, run_dir, main_folds, **common)
             results = {"main": main_results}
             aux_oof = None
             if cfg.aux is not None:
-                aux_oof, results["aux"] = train_stage(accelerator, cfg, "aux", data, run_dir, aux_folds, tracker,
-                                                      progress, console)
+                aux_oof, results["aux"] = train_stage(accelerator, cfg, "aux", data, run_dir, aux_folds, **common)
         metrics, deployable = compute_metrics(accelerator, cfg, data, run_dir, main_folds, aux_folds, main_oof,
                                               results, aux_oof)
         if accelerator.is_main_process:
@@ -380,3 +431,17 @@ def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
     tmp = path.with_suffix(".csv.tmp")
     df.to_csv(tmp, index=False, float_format="%.6f")
     os.replace(tmp, path)
+
+
+def resume_experiment(run_dir: Path) -> Path:
+    """Continue an interrupted run from its saved config and per-epoch state (`biomass.run --resume RUN_DIR`)."""
+    from biomass.config import load_yaml, validate
+    from biomass.errors import BiomassError
+
+    status_file = run_dir / STATUS_FILE
+    if not status_file.is_file() or not (run_dir / "config.yaml").is_file():
+        raise BiomassError(f"{run_dir} is not a biomass run directory (no run.json / config.yaml)")
+    if json.loads(status_file.read_text()).get("status") == "completed":
+        raise BiomassError(f"{run_dir} already completed; nothing to resume")
+    cfg = validate(load_yaml(run_dir / "config.yaml"))
+    return train_experiment(Experiment(cfg, run_dir / "config.yaml", ()), run_dir=run_dir, resume=True)

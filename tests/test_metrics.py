@@ -1,4 +1,4 @@
-"""biomass.metrics and the `python -m biomass.score` CLI: the one globally weighted R² over all (image, target) rows."""
+"""biomass.metrics and `python -m biomass.score`: the one globally weighted R² over all (image, target) rows."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import hypothesis.extra.numpy as hnp
 import numpy as np
@@ -129,15 +130,6 @@ def test_weighted_r2_properties(pair: tuple[np.ndarray, np.ndarray], data: st.Da
 
 
 # -------------------------------------------------------------------------------------------------------- the CLI
-def _env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-
-
-def _score(tmp_path: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "biomass.score", *map(str, args)], capture_output=True, text=True,
-                          env=_env(tmp_path), timeout=120)
-
-
 def _kaggle_solution(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
     """A Kaggle-train.csv-shaped solution (nine columns, long format) and its wide (n, 5) targets."""
     rng = np.random.default_rng(seed)
@@ -164,93 +156,158 @@ def _formula(y: np.ndarray, p: np.ndarray) -> float:
     return float(1 - (w * (y - p) ** 2).sum() / (w * (y - mean) ** 2).sum())
 
 
-def test_score_cli_matches_formula(tmp_path: Path) -> None:
+# Each case writes its files into a folder and returns (CLI arguments, what the test needs to check).
+def _case_random(d: Path) -> tuple[list[object], dict[str, object]]:
     sol, y = _kaggle_solution(9, seed=3)
-    rng = np.random.default_rng(4)
-    p = y + rng.normal(0, 8.0, size=y.shape)
-    sol.to_csv(tmp_path / "solution.csv", index=False)
+    p = y + np.random.default_rng(4).normal(0, 8.0, size=y.shape)
+    sol.to_csv(d / "solution.csv", index=False)  # all nine train.csv columns
     sub = _submission(sol, p, seed=5)
     assert (sub["sample_id"] != sol["sample_id"]).any()  # really shuffled
-    sub.to_csv(tmp_path / "submission.csv", index=False)
+    sub.to_csv(d / "submission.csv", index=False)
+    return [d / "solution.csv", d / "submission.csv", "--json"], {"y": y, "p": p}
 
-    res = _score(tmp_path, tmp_path / "solution.csv", tmp_path / "submission.csv", "--json")
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout)
+
+def _case_two_columns(d: Path, json_out: bool = True) -> tuple[list[object], dict[str, object]]:
+    sol, y = _kaggle_solution(4, seed=6)
+    sol[["sample_id", "target"]].sample(frac=1.0, random_state=1).to_csv(d / "sol.csv", index=False)
+    p = y * 1.1
+    _submission(sol, p, seed=2).to_csv(d / "sub.csv", index=False)
+    return [d / "sol.csv", d / "sub.csv", *(["--json"] if json_out else [])], {"y": y, "p": p}
+
+
+def _case_table(d: Path) -> tuple[list[object], dict[str, object]]:
+    return _case_two_columns(d, json_out=False)
+
+
+def _error_case(d: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    sol, y = _kaggle_solution(3, seed=0)
+    sol.to_csv(d / "sol.csv", index=False)
+    return sol, _submission(sol, y + 1.0, seed=0)
+
+
+def _case_missing_id(d: Path) -> tuple[list[object], dict[str, object]]:
+    _, sub = _error_case(d)
+    sub.drop(index=3).to_csv(d / "sub.csv", index=False)
+    return [d / "sol.csv", d / "sub.csv"], {"names": [sub["sample_id"].iloc[3], "missing"]}
+
+
+def _case_extra_id(d: Path) -> tuple[list[object], dict[str, object]]:
+    _, sub = _error_case(d)
+    extra = pd.DataFrame({"sample_id": ["ID9999__GDM_g"], "target": [1.0]})
+    pd.concat([sub, extra]).to_csv(d / "sub.csv", index=False)
+    return [d / "sol.csv", d / "sub.csv"], {"names": ["ID9999__GDM_g"]}
+
+
+def _case_duplicate_id(d: Path) -> tuple[list[object], dict[str, object]]:
+    _, sub = _error_case(d)
+    pd.concat([sub, sub.iloc[[7]]]).to_csv(d / "sub.csv", index=False)
+    return [d / "sol.csv", d / "sub.csv"], {"names": [sub["sample_id"].iloc[7]]}
+
+
+def _case_duplicate_in_solution(d: Path) -> tuple[list[object], dict[str, object]]:
+    sol, sub = _error_case(d)
+    pd.concat([sol, sol.iloc[[2]]]).to_csv(d / "sol2.csv", index=False)
+    sub.to_csv(d / "sub.csv", index=False)
+    return [d / "sol2.csv", d / "sub.csv"], {"names": [sol["sample_id"].iloc[2], "sol2.csv"]}
+
+
+def _case_non_numeric(d: Path) -> tuple[list[object], dict[str, object]]:
+    _, sub = _error_case(d)
+    sub = sub.astype({"target": object})
+    sub.loc[5, "target"] = "abc"
+    sub.to_csv(d / "sub.csv", index=False)
+    return [d / "sol.csv", d / "sub.csv"], {"names": [sub["sample_id"].iloc[5]]}
+
+
+def _case_missing_file(d: Path) -> tuple[list[object], dict[str, object]]:
+    _error_case(d)
+    return [d / "sol.csv", d / "nowhere.csv"], {"names": ["nowhere.csv"]}
+
+
+def _case_missing_column(d: Path) -> tuple[list[object], dict[str, object]]:
+    _, sub = _error_case(d)
+    sub.rename(columns={"target": "prediction"}).to_csv(d / "sub.csv", index=False)
+    return [d / "sol.csv", d / "sub.csv"], {"names": ["'target'", "sub.csv"]}
+
+
+def _case_debug(d: Path) -> tuple[list[object], dict[str, object]]:
+    args, info = _case_missing_file(d)
+    return [*args, "--debug"], info
+
+
+ERRORS = {f.__name__.removeprefix("_case_"): f for f in (
+    _case_missing_id, _case_extra_id, _case_duplicate_id, _case_duplicate_in_solution, _case_non_numeric,
+    _case_missing_file, _case_missing_column)}
+CASES = {"random": _case_random, "two_columns": _case_two_columns, "table": _case_table, "debug": _case_debug,
+         **ERRORS}
+
+
+class Run(NamedTuple):
+    proc: subprocess.Popen[str]
+    info: dict[str, object]
+
+    def result(self) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=120)
+        return self.proc.returncode, out, err
+
+
+@pytest.fixture(scope="module", autouse=True)
+def score_runs(tmp_path_factory) -> dict[str, Run]:
+    """Every `python -m biomass.score` run of this module, started together at the module's start."""
+    root = tmp_path_factory.mktemp("score")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    runs = {}
+    for key, case in CASES.items():
+        (root / key).mkdir()
+        args, info = case(root / key)
+        proc = subprocess.Popen([sys.executable, "-m", "biomass.score", *map(str, args)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        runs[key] = Run(proc, info)
+    yield runs
+    for run in runs.values():
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.communicate()
+
+
+def test_score_cli_matches_formula(score_runs: dict[str, Run]) -> None:
+    code, stdout, stderr = score_runs["random"].result()
+    y, p = score_runs["random"].info["y"], score_runs["random"].info["p"]
+    assert code == 0, stderr
+    out = json.loads(stdout)
     assert out["rows"] == 45
     assert out["weighted_r2"] == pytest.approx(_formula(y, p), abs=1e-6)
+    assert out["weighted_r2"] == pytest.approx(weighted_r2(y, p), abs=1e-6)
     assert list(out["per_target"]) == list(TARGETS)
     for j, name in enumerate(TARGETS):
         assert out["per_target"][name] == pytest.approx(r2_score(y[:, j], p[:, j]), abs=1e-6)
 
 
-def test_score_cli_two_column_solution_and_table(tmp_path: Path) -> None:
-    sol, y = _kaggle_solution(4, seed=6)
-    sol[["sample_id", "target"]].sample(frac=1.0, random_state=1).to_csv(tmp_path / "sol.csv", index=False)
-    p = y * 1.1
-    _submission(sol, p, seed=2).to_csv(tmp_path / "sub.csv", index=False)
-    res = _score(tmp_path, tmp_path / "sol.csv", tmp_path / "sub.csv", "--json")
-    assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["weighted_r2"] == pytest.approx(_formula(y, p), abs=1e-6)
-    table = _score(tmp_path, tmp_path / "sol.csv", tmp_path / "sub.csv")  # the human-readable table
-    assert table.returncode == 0, table.stderr
-    assert f"{_formula(y, p):.5f}" in table.stdout
+def test_score_cli_two_column_solution_and_table(score_runs: dict[str, Run]) -> None:
+    code, stdout, stderr = score_runs["two_columns"].result()
+    info = score_runs["two_columns"].info
+    assert code == 0, stderr
+    assert json.loads(stdout)["weighted_r2"] == pytest.approx(_formula(info["y"], info["p"]), abs=1e-6)
+    code, stdout, stderr = score_runs["table"].result()  # the human-readable table
+    assert code == 0, stderr
+    assert f"{_formula(info['y'], info['p']):.5f}" in stdout
 
 
-def _case_missing_id(sol: pd.DataFrame, sub: pd.DataFrame, d: Path) -> tuple[list[Path], list[str]]:
-    gone = sub["sample_id"].iloc[3]
-    sub.drop(index=3).to_csv(d / "sub.csv", index=False)
-    return [d / "sol.csv", d / "sub.csv"], [gone, "missing"]
-
-
-def _case_extra_id(sol: pd.DataFrame, sub: pd.DataFrame, d: Path) -> tuple[list[Path], list[str]]:
-    extra = pd.DataFrame({"sample_id": ["ID9999__GDM_g"], "target": [1.0]})
-    pd.concat([sub, extra]).to_csv(d / "sub.csv", index=False)
-    return [d / "sol.csv", d / "sub.csv"], ["ID9999__GDM_g"]
-
-
-def _case_duplicate_id(sol: pd.DataFrame, sub: pd.DataFrame, d: Path) -> tuple[list[Path], list[str]]:
-    dup = sub["sample_id"].iloc[7]
-    pd.concat([sub, sub.iloc[[7]]]).to_csv(d / "sub.csv", index=False)
-    return [d / "sol.csv", d / "sub.csv"], [dup]
-
-
-def _case_duplicate_in_solution(sol: pd.DataFrame, sub: pd.DataFrame, d: Path) -> tuple[list[Path], list[str]]:
-    dup = sol["sample_id"].iloc[2]
-    pd.concat([sol, sol.iloc[[2]]]).to_csv(d / "sol2.csv", index=False)
-    sub.to_csv(d / "sub.csv", index=False)
-    return [d / "sol2.csv", d / "sub.csv"], [dup, "sol2.csv"]
-
-
-def _case_non_numeric(sol: pd.DataFrame, sub: pd.DataFrame, d: Path) -> tuple[list[Path], list[str]]:
-    sub = sub.astype({"target": object})
-    sub.loc[5, "target"] = "abc"
-    sub.to_csv(d / "sub.csv", index=False)
-    return [d / "sol.csv", d / "sub.csv"], [sub["sample_id"].iloc[5]]
-
-
-def _case_missing_file(sol: pd.DataFrame, sub: pd.DataFrame, d: Path) -> tuple[list[Path], list[str]]:
-    return [d / "sol.csv", d / "nowhere.csv"], ["nowhere.csv"]
-
-
-def _case_missing_column(sol: pd.DataFrame, sub: pd.DataFrame, d: Path) -> tuple[list[Path], list[str]]:
-    sub.rename(columns={"target": "prediction"}).to_csv(d / "sub.csv", index=False)
-    return [d / "sol.csv", d / "sub.csv"], ["'target'", "sub.csv"]
-
-
-@pytest.mark.parametrize("case", [_case_missing_id, _case_extra_id, _case_duplicate_id, _case_duplicate_in_solution,
-                                  _case_non_numeric, _case_missing_file, _case_missing_column],
-                         ids=lambda f: f.__name__.removeprefix("_case_"))
-def test_score_cli_errors(tmp_path: Path, case) -> None:
-    sol, y = _kaggle_solution(3, seed=0)
-    sol.to_csv(tmp_path / "sol.csv", index=False)
-    sub = _submission(sol, y + 1.0, seed=0)
-    args, names = case(sol, sub, tmp_path)
-    res = _score(tmp_path, *args, "--json")
-    assert res.returncode == 2, (res.stdout, res.stderr)
-    assert res.stdout == ""
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_score_cli_errors(score_runs: dict[str, Run], case: str) -> None:
+    code, stdout, stderr = score_runs[case].result()
+    assert code == 2, (stdout, stderr)
+    assert stdout == ""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
     assert lines[0].startswith("error:")
-    assert "Traceback" not in res.stderr
-    for name in names:
-        assert name in lines[0]
+    assert "Traceback" not in stderr
+    for name in score_runs[case].info["names"]:
+        assert name in lines[0], lines[0]
+
+
+def test_debug_shows_the_traceback(score_runs: dict[str, Run]) -> None:
+    """`--debug` (the shared biomass.errors.run_cli wrapper) re-raises: Python prints the traceback."""
+    code, stdout, stderr = score_runs["debug"].result()
+    assert code == 1
+    assert "Traceback" in stderr and "DataError" in stderr and "nowhere.csv" in stderr

@@ -17,7 +17,7 @@ from biomass.data.scalers import Scaler
 from biomass.errors import ConfigError
 from biomass.metrics import r2_weighted_rows
 from biomass.models import backbones as bb_mod
-from biomass.models.backbones import FeatureSpec, TimmBackbone, timm_backbone
+from biomass.models.backbones import FeatureSpec, TimmBackbone
 from biomass.models.heads import FusionHead
 from biomass.models.model import TargetSpace, build_model
 from biomass.models.poolings import HybridTexturePooling
@@ -175,7 +175,8 @@ def test_partly_matching_weights_non_strict(tmp_path):
     assert other["pos_embed"].shape != src["pos_embed"].shape
     del other["norm.weight"]
     path = _save(other, tmp_path / "grid.pth")
-    with pytest.raises(ConfigError, match=r"1 with the wrong shape \(e\.g\. pos_embed.*1 missing \(e\.g\. norm\.weight"):
+    pattern = r"1 with the wrong shape \(e\.g\. pos_embed.*1 missing \(e\.g\. norm\.weight"
+    with pytest.raises(ConfigError, match=pattern):
         BACKBONES.build("timm", (32, 32), model_name="test_vit", weights=path)
     bb = BACKBONES.build("timm", (32, 32), model_name="test_vit", weights=path, strict=False)
     got = bb.model.state_dict()

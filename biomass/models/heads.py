@@ -86,8 +86,9 @@ class ConsistentHead(nn.Module):
         self.inner, self.target_space = inner, target_space
 
     def forward(self, features: torch.Tensor, tabular: torch.Tensor | None = None) -> torch.Tensor:
-        # Start near the training means: softplus(z) * scale of Total keeps early outputs in a sane range.
-        parts = nn.functional.softplus(self.inner(features, tabular)) * self.target_space.gram_scale
+        # Start near the training means: softplus(z) * each component's mean grams (Green, Dead, Clover come first
+        # in TARGETS) keeps early outputs in a sane range.
+        parts = nn.functional.softplus(self.inner(features, tabular)) * self.target_space.gram_scale[:3]
         green, dead, clover = parts.unbind(dim=1)
         grams = torch.stack([green, dead, clover, green + clover, green + dead + clover], dim=1)
         return self.target_space.to_standard(grams)
