@@ -289,12 +289,10 @@ def _spawn(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
 
 @pytest.fixture(scope="module", autouse=True)
 def cli_runs(tmp_path_factory) -> dict[str, subprocess.Popen[str]]:
-    """The CLI runs this module checks, started together when the module starts (each pays torch's import once),
-    so they run while the in-process tests do; the tests that read them come last."""
+    """The CLI run this module checks in a real process, started when the module starts (it pays torch's import
+    once) so that it runs while the in-process tests do; the test that reads it comes last."""
     tmp = tmp_path_factory.mktemp("cli")
     procs = {
-        # data.root moved to an empty place so the dry run never decodes a real dataset
-        "gold": _spawn(tmp, str(GOLD), "--dry-run", f"data.root={tmp / 'no_data'}"),
         "unknown": _spawn(tmp, str(DEMO), "--dry-run", "some.unknown=1"),
     }
     yield procs
@@ -309,9 +307,13 @@ def _result(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     return proc.returncode, stdout, stderr
 
 
-def test_gold_dry_run_has_every_seed_hyperparameter(cli_runs) -> None:
-    code, stdout, stderr = _result(cli_runs["gold"])
-    assert code == 0, stderr
+def test_gold_dry_run_has_every_seed_hyperparameter(capsys, tmp_path: Path) -> None:
+    """`python -m biomass.run experiments/gold.yaml --dry-run`, through the same entry point in-process."""
+    with pytest.raises(SystemExit) as exit_:
+        # data.root moved to an empty place so the dry run never decodes a real dataset
+        run_cli(run_main, [str(GOLD), "--dry-run", f"data.root={tmp_path / 'no_data'}"])
+    stdout, stderr = capsys.readouterr()
+    assert exit_.value.code == 0, stderr
     assert "# data:" in stdout and "not found; not checked" in stdout
     cfg = yaml.safe_load(stdout)  # the printed config is YAML (the data note is a comment)
     main, aux = cfg["main"], cfg["aux"]
@@ -319,7 +321,8 @@ def test_gold_dry_run_has_every_seed_hyperparameter(cli_runs) -> None:
     assert main["model"]["backbone"]["model_name"] == "vit_huge_plus_patch16_dinov3.lvd1689m"
     assert main["model"]["backbone"]["freeze_fraction"] == 0.5
     assert main["model"]["backbone"]["weights"] == str(
-        REPO / "weights/vit_huge_plus_patch16_dinov3.lvd1689m/pytorch_model.bin")
+        REPO / "weights/vit_huge_plus_patch16_dinov3.lvd1689m/pytorch_model.bin")  # relative to experiments/
+    assert cfg["data"]["root"] == str(tmp_path / "no_data")
     assert main["model"]["pooling"] == {"name": "gap"}
     assert main["model"]["head"]["name"] == "fusion"
     assert main["image"]["size"] == [800, 800] and main["image"]["crop"] is True

@@ -167,16 +167,12 @@ def _case_random(d: Path) -> tuple[list[object], dict[str, object]]:
     return [d / "solution.csv", d / "submission.csv", "--json"], {"y": y, "p": p}
 
 
-def _case_two_columns(d: Path, json_out: bool = True) -> tuple[list[object], dict[str, object]]:
+def _case_table(d: Path) -> tuple[list[object], dict[str, object]]:
     sol, y = _kaggle_solution(4, seed=6)
-    sol[["sample_id", "target"]].sample(frac=1.0, random_state=1).to_csv(d / "sol.csv", index=False)
+    sol[["sample_id", "target"]].sample(frac=1.0, random_state=1).to_csv(d / "sol.csv", index=False)  # 2 columns
     p = y * 1.1
     _submission(sol, p, seed=2).to_csv(d / "sub.csv", index=False)
-    return [d / "sol.csv", d / "sub.csv", *(["--json"] if json_out else [])], {"y": y, "p": p}
-
-
-def _case_table(d: Path) -> tuple[list[object], dict[str, object]]:
-    return _case_two_columns(d, json_out=False)
+    return [d / "sol.csv", d / "sub.csv"], {"y": y, "p": p}
 
 
 def _error_case(d: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -238,7 +234,7 @@ def _case_debug(d: Path) -> tuple[list[object], dict[str, object]]:
 ERRORS = {f.__name__.removeprefix("_case_"): f for f in (
     _case_missing_id, _case_extra_id, _case_duplicate_id, _case_duplicate_in_solution, _case_non_numeric,
     _case_missing_file, _case_missing_column)}
-CASES = {"random": _case_random, "two_columns": _case_two_columns, "table": _case_table, "debug": _case_debug,
+CASES = {"random": _case_random, "table": _case_table, "debug": _case_debug,
          **ERRORS}
 
 
@@ -283,14 +279,14 @@ def test_score_cli_matches_formula(score_runs: dict[str, Run]) -> None:
         assert out["per_target"][name] == pytest.approx(r2_score(y[:, j], p[:, j]), abs=1e-6)
 
 
-def test_score_cli_two_column_solution_and_table(score_runs: dict[str, Run]) -> None:
-    code, stdout, stderr = score_runs["two_columns"].result()
-    info = score_runs["two_columns"].info
-    assert code == 0, stderr
-    assert json.loads(stdout)["weighted_r2"] == pytest.approx(_formula(info["y"], info["p"]), abs=1e-6)
+def test_score_cli_two_column_solution_table(score_runs: dict[str, Run]) -> None:
     code, stdout, stderr = score_runs["table"].result()  # the human-readable table
+    info = score_runs["table"].info
     assert code == 0, stderr
+    assert "20 rows" in stdout
     assert f"{_formula(info['y'], info['p']):.5f}" in stdout
+    for j in range(5):
+        assert f"{r2_score(info['y'][:, j], info['p'][:, j]):.5f}" in stdout
 
 
 @pytest.mark.parametrize("case", list(ERRORS))

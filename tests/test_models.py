@@ -42,8 +42,7 @@ SHAPES = [
     ("test_vit", (32, 32), 1, (2, 2)),
     ("test_vit", (32, 64), 1, (2, 4)),
     ("test_vit", (48, 32), 1, (3, 2)),
-    ("vit_small_patch16_dinov3", (32, 48), 5, (2, 3)),  # CLS + 4 registers
-    ("vit_small_patch16_dinov3", (48, 48), 5, (3, 3)),
+    ("vit_small_patch16_dinov3", (48, 32), 5, (3, 2)),  # CLS + 4 registers; (32, 48) in the gap test below
     ("resnet18", (64, 64), 0, (2, 2)),
     ("resnet18", (40, 72), 0, (2, 3)),  # not a multiple of the stride: ceil
     ("test_resnet", (32, 96), 0, (1, 3)),
@@ -292,8 +291,8 @@ def test_gem_values():
     assert torch.allclose(POOLINGS.build("gem", spec, p=1.0)(tokens), POOLINGS.get("gap")(spec)(tokens), atol=1e-6)
 
 
-@pytest.mark.parametrize("size", [(32, 48), (48, 32)])
-def test_gap_equals_timm_avg_pool_on_dinov3(size):
+def test_gap_equals_timm_avg_pool_on_dinov3():
+    size = (32, 48)
     torch.manual_seed(0)
     bb = BACKBONES.build("timm", size, model_name="vit_small_patch16_dinov3").eval()
     assert bb.spec.num_prefix_tokens == 5 and bb.model.global_pool == "avg"
