@@ -1,4 +1,4 @@
-"""Ablations: `python -m biomass.ablate ABLATION.yaml [...] [--base EXPERIMENT] [--dry-run] [--seeds N] [key=value ...]`.
+"""Ablations: `python -m biomass.ablate ABLATION.yaml [...] [--base EXP] [--dry-run] [--seeds N] [key=value ...]`.
 
 An ablation file (ablations/*.yaml) names a base experiment, the config prefixes its variants may change (`knobs`)
 and the variants, each a mapping of dotted config keys to values:
@@ -18,7 +18,8 @@ the comparison table (CSV, markdown), a bar chart of the deltas against the base
 metrics. A crashed variant is recorded as failed and the others go on.
 
 Exit status: 0 when every run completed; 1 when any run failed (the table and the parent run are still written);
-2 for a bad ablation file, experiment or override (one line, nothing trained).
+2 for a bad ablation file, experiment or override, or a missing data root or weights file (one line, nothing
+trained: every file and variant is checked before the first run starts).
 """
 from __future__ import annotations
 
@@ -233,7 +234,8 @@ def describe(ablation: Ablation, seeds: int = 1) -> str:
         for key, before, after in shown_changes(v.changes):
             lines.append(f"    {key}: {before} -> {after}")
     n = len(ablation.variants)
-    lines.append(f"  {n * seeds} runs ({n - 1} variant{'s' if n > 2 else ''} + {BASELINE}{f', x {seeds} seeds' if seeds > 1 else ''})")
+    per_seed = f"{n - 1} variant{'s' if n > 2 else ''} + {BASELINE}"
+    lines.append(f"  {n * seeds} runs ({per_seed}{f', x {seeds} seeds' if seeds > 1 else ''})")
     return "\n".join(lines)
 
 
@@ -490,8 +492,11 @@ def delta_plot(ablation: Ablation, rows: list[dict[str, Any]], seeds: int, path:
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(x, [r["variant"] for r in variants], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"variant − {BASELINE}")
-    ax.set_title(f"ablation {ablation.name}" + (f" (mean ± std over {seeds} seeds)" if seeds > 1 else ""),
-                 fontsize=10)
+    base = rows[0]
+    ref = ", ".join(f"{label} {base[col]:.4f}" for col, label in (("deployable", "deployable"), ("oracle", "oracle"))
+                    if base[col] is not None)
+    ax.set_title(f"ablation {ablation.name}" + (f" (mean ± std over {seeds} seeds)" if seeds > 1 else "")
+                 + f"\n{BASELINE}: {ref or 'failed'}", fontsize=9)
     if not variants:
         ax.text(0.5, 0.5, "no variants", transform=ax.transAxes, ha="center")
     ax.legend(fontsize=7)
@@ -599,7 +604,7 @@ def run_ablation(ablation: Ablation, seeds: int = 1, runs_dir: Path = Path("runs
           + (f" (MLflow parent run {parent.run_id} at {parent.uri})" if parent else ""), flush=True)
     results: list[RunResult] = []
     total, done = len(ablation.variants) * seeds, 0
-    try:
+    try:  # the parent run ends KILLED on Ctrl-C, FAILED on any other error of the harness itself
         for k in range(seeds):
             for v in ablation.variants:
                 seed = v.config.seed + k
@@ -618,22 +623,38 @@ def run_ablation(ablation: Ablation, seeds: int = 1, runs_dir: Path = Path("runs
                                                          else "") if result.status == "completed" else result.error)
                 print(f"[{done}/{total}] {label}: {result.status} in {_fmt_time(result.duration_s)}: {detail}",
                       flush=True)
-    except BaseException:
+        rows = summarise(ablation, results)
+        files = write_summary(ablation, rows, results, seeds, out_dir)
+        (out_dir / "summary.json").write_text(json.dumps(
+            {"ablation": ablation.name, "base": str(ablation.base), "knobs": ablation.knobs, "seeds": seeds,
+             "mlflow_parent_run_id": parent.run_id if parent else None, "rows": rows}, indent=1, default=str))
+        files.append(out_dir / "summary.json")
+        print_table(ablation, rows, seeds)
         if parent is not None:
-            parent.abort("KILLED")
+            parent.finish(rows, [*files, out_dir / "ablation.yaml"],
+                          "FINISHED" if any(r.status == "completed" for r in results) else "FAILED")
+    except BaseException as err:
+        if parent is not None:
+            parent.abort("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
-    rows = summarise(ablation, results)
-    files = write_summary(ablation, rows, results, seeds, out_dir)
-    (out_dir / "summary.json").write_text(json.dumps(
-        {"ablation": ablation.name, "base": str(ablation.base), "knobs": ablation.knobs, "seeds": seeds,
-         "mlflow_parent_run_id": parent.run_id if parent else None, "rows": rows}, indent=1, default=str))
-    files.append(out_dir / "summary.json")
-    print_table(ablation, rows, seeds)
-    if parent is not None:
-        parent.finish(rows, [*files, out_dir / "ablation.yaml"],
-                      "FINISHED" if any(r.status == "completed" for r in results) else "FAILED")
     print(f"ablation {ablation.name}: {out_dir / 'comparison.md'}", flush=True)
     return rows
+
+
+def preflight(ablation: Ablation) -> None:
+    """What would make every run fail at its first step, found before any trains: a missing data root (unless the
+    demo data is generated there; never into a root given on the command line) or backbone weights file."""
+    root_from_cli = any(o.split("=", 1)[0] == "data.root" for o in ablation.overrides)
+    for v in ablation.variants:
+        data = v.config.data
+        if not data.root.is_dir() and (data.demo is None or root_from_cli):
+            raise ConfigError(f"{ablation.path.name}: variant {v.name!r}: data.root {data.root} does not exist")
+        for stage_name in ("main", "aux"):
+            stage = getattr(v.config, stage_name)
+            weights = stage.model.backbone.get("weights") if stage is not None else None
+            if weights and not Path(weights).is_file():
+                raise ConfigError(f"{ablation.path.name}: variant {v.name!r}: {stage_name}.model.backbone.weights "
+                                  f"{weights} not found")
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
@@ -643,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Run ablations: every variant of each ablation file (and its unchanged baseline) as its own "
                     "training process, compared in one table and one MLflow parent run per file.",
         epilog="Exit status: 0 every run completed; 1 some run failed (table and parent run still written); "
-               "2 bad ablation file, experiment or override (nothing trained).")
+               "2 bad ablation file, experiment, override, data root or weights file (nothing trained).")
     parser.add_argument("items", nargs="*", metavar="ABLATION.yaml | key=value",
                         help="ablation files, and config overrides for every run (values parsed as YAML)")
     parser.add_argument("--base", type=Path, help="run every variant on this experiment instead of the file's base")
@@ -676,6 +697,8 @@ def main(argv: list[str] | None = None) -> int:
             print(describe(a, args.seeds))
         print("dry run: nothing trained")
         return 0
+    for a in ablations:
+        preflight(a)
     failed = 0
     for a in ablations:
         rows = run_ablation(a, args.seeds, args.runs_dir, launch_args)

@@ -172,7 +172,8 @@ def infer(run_dir: Path, data_dir: Path, out: Path, batch_size: int | None = Non
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from biomass.data.images import EpochSampler, ImageDataset, build_augment, jpeg_reader
+    from biomass.data.cache import make_reader
+    from biomass.data.images import EpochSampler, ImageDataset, build_augment
 
     cfg = check_run_dir(run_dir)
     if not data_dir.is_dir():
@@ -194,8 +195,8 @@ def infer(run_dir: Path, data_dir: Path, out: Path, batch_size: int | None = Non
     blend = torch.as_tensor(fold_weights(cfg, run_dir, main), dtype=torch.float32, device=device)
 
     # Test images are used uncropped, as the seed did: the crop boxes were a training-time clean-up.
-    reader = jpeg_reader(data_dir, list(images["image_path"]), tuple(main_stage.image.size), None, sizes,
-                         main_stage.image.layout)
+    reader = make_reader(cfg.data.cache_dir, data_dir, list(images["image_path"]), tuple(main_stage.image.size),
+                         None, sizes, main_stage.image.layout)
     dataset = ImageDataset(reader, len(images), np.zeros((len(images), 0)), None, build_augment([]), 0,
                            main_stage.image.layout)
     bs = batch_size or cfg.infer.batch_size

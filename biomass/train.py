@@ -23,7 +23,7 @@ import torch
 from biomass import __version__
 from biomass.config import Experiment, ExperimentConfig, StageConfig, to_yaml
 from biomass.constants import TABULAR, TARGETS
-from biomass.data.images import jpeg_reader
+from biomass.data.cache import make_reader
 from biomass.engine import STAGE_INPUTS, STAGE_TARGETS, FoldResult, fit_fold, predict_raw, stage_score, write_json
 from biomass.metrics import score_report
 from biomass.registry import LOSSES, SPLITTERS
@@ -134,7 +134,7 @@ def train_stage(accelerator, cfg: ExperimentConfig, stage_name: str, data: Train
                 folds: np.ndarray, tracker: Tracker, progress: Progress, console, children: dict[str, str],
                 on_child_started) -> tuple[np.ndarray, list[FoldResult]]:
     stage: StageConfig = getattr(cfg, stage_name)
-    reader = jpeg_reader(data.root, list(data.table["image_path"]), tuple(stage.image.size),
+    reader = make_reader(cfg.data.cache_dir, data.root, list(data.table["image_path"]), tuple(stage.image.size),
                          data.boxes if stage.image.crop else None, data.sizes, stage.image.layout)
     names = STAGE_TARGETS[stage_name]
     oof = np.full((len(data.table), len(names)), np.nan)
@@ -208,7 +208,7 @@ def deployable_predictions(accelerator, cfg: ExperimentConfig, data: TrainData, 
     from biomass.models.model import build_model
 
     stage = cfg.main
-    reader = jpeg_reader(data.root, list(data.table["image_path"]), tuple(stage.image.size),
+    reader = make_reader(cfg.data.cache_dir, data.root, list(data.table["image_path"]), tuple(stage.image.size),
                          data.boxes if stage.image.crop else None, data.sizes, stage.image.layout)
     out = np.full((len(data.table), len(TARGETS)), np.nan)
     loss_cfg = {k: v for k, v in stage.loss.items() if k != "name"}

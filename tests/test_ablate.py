@@ -184,6 +184,14 @@ def test_bad_ablations_are_refused_in_one_line(tmp_path, capsys, body, words):
         assert word in err, (word, err)
 
 
+def test_a_missing_data_root_is_refused_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [str(REPO / "ablations" / "pooling.yaml"), "--base", str(DEMO),
+                       f"data.root={tmp_path / 'missing'}", "--runs-dir", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2
+    assert "data.root" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
 def test_overrides_apply_everywhere_and_variants_keep_their_knob(tmp_path):
     ablation = load_ablation(REPO / "ablations" / "image_size.yaml", DEMO, ["main.image.size=[64,64]", "seed=5",
                                                                           "tracking.experiment=mine"])
@@ -357,3 +365,64 @@ def test_ablation_end_to_end_mlflow_server(tiny_data, tmp_path, mlflow_server):
         assert child.info.status == "FINISHED" and child.data.tags["ablation"] == "tiny2"
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert {"cv/weighted_r2", "cv/weighted_r2_deployable"} <= set(child.data.metrics)
+
+
+def test_runner_seeds_commands_and_parent_without_training(tmp_path, monkeypatch):
+    """The runner's loop with a stand-in for the training process: run names, commands, written configs, the
+    parent run's metrics and artifacts, mean ± std over seeds, and a parent marked FAILED when every run failed."""
+    import biomass.ablate as ablate
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "fake.yaml"
+    path.write_text(yaml.safe_dump({"name": "fake", "base": str(DEMO), "knobs": ["main.loss"],
+                                    "variants": {"mse": {"main.loss": {"name": "mse"}}}}))
+    ablation = load_ablation(path, overrides=["seed=7"])
+    calls = []
+
+    def fake_run_one(result, cmd, log_dir, env, fail=False):
+        calls.append((result.run_dir.name, cmd, env))
+        score = {"baseline": 0.70, "mse": 0.65}[result.variant] + 0.01 * (result.seed - 7) ** 2
+        result.exit_code, result.duration_s = (1 if fail else 0), 2.0
+        if fail:
+            result.status, result.error = "failed", "exit 1: boom"
+        else:
+            result.status = "completed"
+            result.metrics = {"cv/weighted_r2": score, "cv/weighted_r2_deployable": score - 0.1,
+                              **{f"cv/{t}_r2": 0.5 for t in ("Dry_Green_g", "Dry_Dead_g", "Dry_Clover_g",
+                                                             "GDM_g", "Dry_Total_g")}}
+        return result
+
+    monkeypatch.setattr(ablate, "run_one", fake_run_one)
+    rows = ablate.run_ablation(ablation, seeds=2, runs_dir=tmp_path / "runs",
+                               launch_args=["--config_file", "accelerate_configs/cpu.yaml"])
+    assert [c[0] for c in calls] == ["baseline-seed7", "mse-seed7", "baseline-seed8", "mse-seed8"]
+    name, cmd, env = calls[3]
+    i = cmd.index("accelerate.commands.launch")
+    assert cmd[i + 1:i + 5] == ["--config_file", "accelerate_configs/cpu.yaml", "-m", "biomass.run"]
+    config_file = Path(cmd[i + 5])
+    written = yaml.safe_load(config_file.read_text())
+    assert written["seed"] == 8 and written["main"]["loss"]["name"] == "mse"
+    assert written["tracking"]["experiment"] == "fake" and env["MLFLOW_TRACKING_URI"] == uri
+    assert cmd[cmd.index("--run-dir") + 1].endswith("mse-seed8")
+    assert {"ablation=fake", "variant=mse", "seed=8"} <= {cmd[j + 1] for j, a in enumerate(cmd) if a == "--tag"}
+    mse = next(r for r in rows if r["variant"] == "mse")
+    assert mse["oracle"] == pytest.approx(0.655) and mse["oracle_std"] == pytest.approx(0.00707, 1e-3)
+    assert mse["delta_oracle"] == pytest.approx(-0.05) and mse["delta_oracle_std"] == pytest.approx(0.0)
+
+    client = MlflowClient(tracking_uri=uri)
+    parent_id = cmd[cmd.index("--parent-run-id") + 1]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["seeds"] == "2"
+    assert parent.data.metrics["delta/mse/weighted_r2_deployable"] == pytest.approx(-0.05)
+    assert "cv/mse/weighted_r2_std" in parent.data.metrics and "variant.mse" in parent.data.params
+    assert {"comparison.csv", "comparison.md", "deltas.png"} <= {a.path for a in client.list_artifacts(parent_id)}
+    assert "± " in (Path(parent.data.tags["runs_dir"]) / "comparison.md").read_text()
+
+    calls.clear()
+    monkeypatch.setattr(ablate, "run_one", lambda *a: fake_run_one(*a, fail=True))
+    rows = ablate.run_ablation(ablation, seeds=1, runs_dir=tmp_path / "runs")
+    assert all(r["status"].startswith("failed") for r in rows)
+    assert client.get_run(calls[0][1][calls[0][1].index("--parent-run-id") + 1]).info.status == "FAILED"
