@@ -5,9 +5,9 @@
   `biomass` (ImageDataset over the JPEG reader with gold's train augmentations, uint8 CHW out) and `cached` (the same
   over the decoded-image cache, filled beforehand). Medians of interleaved repeats.
 - `train`: training img/s and peak memory of our engine's step (engine.train_one_epoch: uint8 input normalised in the
-  model, AdamW over trainable tensors, fused on CUDA, bf16 autocast on CUDA) against a plain fp32 PyTorch loop in the
-  seed's style (float input normalised on the CPU, loss.item() every step), each in its own process; MFU on CUDA;
-  and the activations autograd keeps with and without the frozen prefix.
+  model, AdamW over trainable tensors, fused on CUDA, bf16 autocast and TF32 on CUDA, `--compile`: torch.compile)
+  against a plain fp32 PyTorch loop in the seed's style (float input normalised on the CPU, loss.item() every step),
+  each in its own process; MFU on CUDA; and the activations autograd keeps with and without the frozen prefix.
 - `infer`: images/s of the whole `biomass.infer` chain on a run directory.
 - `order`: how far each augmentation is from commuting with the resize, and how the resize attenuates pixel noise.
 
@@ -282,7 +282,7 @@ def train_variant(variant: str, args) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from biomass.constants import IMAGENET_MEAN, IMAGENET_STD
-    from biomass.engine import make_optimizer, train_one_epoch
+    from biomass.engine import make_optimizer, maybe_compile, train_one_epoch, unwrap
     from biomass.models.model import build_model
     from biomass.registry import LOSSES, load_components
 
@@ -308,20 +308,27 @@ def train_variant(variant: str, args) -> dict[str, Any]:
         from accelerate import Accelerator
 
         precision = args.precision or ("bf16" if cuda else "no")
+        if cuda:  # as biomass.train does with runtime.tf32 (default true)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         accelerator = Accelerator(mixed_precision=precision, cpu=not cuda)
         optimizer = make_optimizer(model, stage, accelerator.device)
         model, optimizer = accelerator.prepare(model, optimizer)
+        model = maybe_compile(model, args.compile)
         batch = {"image": u8, "tabular": tab, "target": target}
         if cuda:
             batch = {k: v.pin_memory() for k, v in batch.items()}
 
-        def run(steps: int) -> None:
-            train_one_epoch(accelerator, model, _Batches(batch, steps, device), loss_fn, optimizer, stage)
+        def run(steps: int, net=None) -> None:
+            net = model if net is None else net
+            train_one_epoch(accelerator, net, _Batches(batch, steps, device), loss_fn, optimizer, stage)
 
-        def one_step() -> None:
-            run(1)
+        def one_step() -> None:  # FLOPs are counted on the eager module: compiled kernels hide their aten ops
+            run(1, unwrap(accelerator, model))
 
         out["precision"] = precision
+        out["tf32"] = cuda
+        out["compile"] = args.compile
         out["optimizer"] = f"AdamW over trainable tensors, fused={optimizer.defaults.get('fused')}"
     else:  # the seed's loop: fp32, normalised float input from the CPU, a host sync every step
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -378,8 +385,9 @@ def train_variant(variant: str, args) -> dict[str, Any]:
 
 
 def _saved_activations(args) -> dict[str, Any]:
-    """Bytes autograd saves for backward in one training forward (batch 1), frozen prefix vs nothing frozen.
-    Parameters are not counted (they exist anyway); a frozen prefix should save no activations at all."""
+    """Bytes autograd saves for backward in one training forward (batch 2: heads batch-normalise), frozen prefix
+    vs nothing frozen. Each tensor counts once; parameters and their autocast copies are not counted (they exist
+    anyway); a frozen prefix should save no activations at all."""
     import torch
 
     from biomass.models.model import build_model
@@ -392,18 +400,22 @@ def _saved_activations(args) -> dict[str, Any]:
         torch.manual_seed(0)
         model = build_model(_stage(args.model, args.size, f, args.batch, args.grad_checkpointing), 5, 2,
                             load_weights=False).to(device).train()
-        params = {p.data_ptr() for p in model.parameters()}
+        seen = {p.data_ptr() for p in model.parameters()}
         total = [0]
 
         def pack(t: torch.Tensor):
-            if t.data_ptr() not in params:
+            fn = t.grad_fn  # an autocast copy of a parameter: ToCopyBackward0 fed by AccumulateGrad
+            param_copy = fn is not None and fn.name() == "ToCopyBackward0" and any(
+                f is not None and "AccumulateGrad" in f.name() for f, _ in fn.next_functions)
+            if t.data_ptr() not in seen and not param_copy:
+                seen.add(t.data_ptr())
                 total[0] += t.numel() * t.element_size()
             return t
 
-        x = torch.randint(0, 256, (1, 3, args.size, args.size), dtype=torch.uint8, device=device)
+        x = torch.randint(0, 256, (2, 3, args.size, args.size), dtype=torch.uint8, device=device)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                model(x, torch.zeros(1, 2, device=device)).sum().backward()
+                model(x, torch.zeros(2, 2, device=device)).sum().backward()
         out[f"saved_mb_freeze_{f:g}"] = total[0] / 2**20
     out["saved_ratio"] = out[f"saved_mb_freeze_{freeze:g}"] / max(out["saved_mb_freeze_0"], 1e-12)
     out["saved_freeze"] = freeze
@@ -414,7 +426,7 @@ def train_bench(args) -> dict[str, Any]:
     common = ["--model", args.model, "--size", str(args.size), "--batch", str(args.batch), "--freeze",
               str(args.freeze), "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats",
               str(args.repeats)]
-    for flag in ("cpu", "no_flops", "grad_checkpointing"):
+    for flag in ("cpu", "no_flops", "grad_checkpointing", "compile"):
         if getattr(args, flag):
             common.append("--" + flag.replace("_", "-"))
     for opt in ("precision", "peak_tflops", "threads"):
@@ -435,7 +447,7 @@ def train_bench(args) -> dict[str, Any]:
            "peak_memory_kind": ours["peak_memory_kind"], "ours": ours, "seed": seed,
            "settings": {"model": args.model, "size": args.size, "batch": args.batch, "freeze": args.freeze,
                         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-                        "grad_checkpointing": args.grad_checkpointing, **machine()}}
+                        "grad_checkpointing": args.grad_checkpointing, "compile": args.compile, **machine()}}
     if "mfu" in ours:
         out["ours_mfu"], out["seed_mfu"] = ours["mfu"], seed.get("mfu")
     if "saved" in results:
@@ -539,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--precision", choices=["no", "bf16", "fp16"], help="ours (default: bf16 on CUDA, no on CPU)")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="ours: torch.compile the prepared model (runtime.compile)")
     p.add_argument("--peak-tflops", type=float, help="device peak (dense bf16) for MFU, overrides the table")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
@@ -564,9 +577,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += [(f"{k} (target >= {v:g})", f"{r[k]:.2f} {'ok' if r['met'][k] else 'MISSED'}")
                  for k, v in TARGETS.items()]
         rows += [(f"profile: {k}", f"{v:.2f} ms") for k, v in r.get("profile_ms", {}).items()]
-        emit(r, args.json, f"loader, images/s per core ({r['settings']['n']} images "
-                           f"{r['settings']['source_hw'][1]}x{r['settings']['source_hw'][0]} -> {args.size}x{args.size})",
-             rows)
+        h, w = r["settings"]["source_hw"]
+        emit(r, args.json, f"loader, images/s per core ({r['settings']['n']} images {w}x{h} -> "
+                           f"{args.size}x{args.size})", rows)
     elif args.cmd == "train":
         if args.variant:
             sys.stdout.write(json.dumps(train_variant(args.variant, args), default=float) + "\n")

@@ -88,6 +88,26 @@ def make_optimizer(model: torch.nn.Module, stage: StageConfig, device: torch.dev
                              betas=stage.optim.betas, eps=stage.optim.eps, fused=fused or None)
 
 
+def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """`runtime.compile`: torch.compile the model accelerate prepared, i.e. after any DDP wrap, where accelerate's
+    own dynamo plugin compiles; a model accelerate compiled already (its dynamo config) is returned as it is.
+
+    Not the plugin itself: it lives in accelerate's process-wide state, fixed by the first Accelerator, so it could
+    not follow one experiment's config when several run in a process. Checkpoints are written from
+    `unwrap(accelerator, model)`, the plain module, so their keys carry no `_orig_mod.` prefix.
+    """
+    from accelerate.utils import is_compiled_module
+
+    if not enabled or is_compiled_module(model):
+        return model
+    return torch.compile(model)
+
+
+def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers: its state_dict keys are the model's own."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def train_one_epoch(accelerator: Accelerator, model, loader, loss_fn, optimizer, stage: StageConfig,
                     progress=None) -> float:
     model.train()
@@ -221,12 +241,13 @@ def improved(metrics: dict[str, float], best: dict[str, float] | None, select_by
 def fit_fold(accelerator: Accelerator, *, stage_name: str, stage: StageConfig, table, reader: Reader, fold: int,
              train_idx: np.ndarray, val_idx: np.ndarray, seed: int, num_workers: int, ckpt_path: Path,
              init_state: dict[str, torch.Tensor] | None = None, log=None, progress=None,
-             extra_meta: dict[str, Any] | None = None, state_dir: Path | None = None) -> FoldResult:
+             extra_meta: dict[str, Any] | None = None, state_dir: Path | None = None,
+             compile_model: bool = False) -> FoldResult:
     """Train one fold; keep the best epoch's checkpoint at `ckpt_path` and return its validation predictions.
 
     With `state_dir`, the full training state is saved after every epoch and, when present, training resumes from
     it: the result equals an uninterrupted run's, since data order, augmentation and dropout draws are functions of
-    (seed, fold, epoch) and everything else is in the state.
+    (seed, fold, epoch) and everything else is in the state. `compile_model`: torch.compile it (`runtime.compile`).
     """
     scalers = fit_scalers(stage_name, stage, table, train_idx)
     y_all = table[list(STAGE_TARGETS[stage_name])].to_numpy(np.float64)
@@ -254,13 +275,14 @@ def fit_fold(accelerator: Accelerator, *, stage_name: str, stage: StageConfig, t
     sched_cfg = dict(stage.scheduler)
     scheduler = SCHEDULERS.get(sched_cfg.pop("name"))(optimizer, **sched_cfg)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    model = maybe_compile(model, compile_model)
     loss_fn.to(accelerator.device)
 
     y_val = y_all[val_idx]
     progress_state: dict[str, Any] = {"epoch": -1, "best": None, "best_epoch": -1, "best_pred": None, "stale": 0,
                                       "history": []}
     if state_dir is not None and (state_dir / "progress.json").is_file():  # resume after the last saved epoch
-        progress_state = load_state(state_dir, accelerator.unwrap_model(model), optimizer, scheduler)
+        progress_state = load_state(state_dir, unwrap(accelerator, model), optimizer, scheduler)
     best, best_epoch, stale, history = (progress_state["best"], progress_state["best_epoch"], progress_state["stale"],
                                         progress_state["history"])
     best_pred = None if progress_state["best_pred"] is None else np.asarray(progress_state["best_pred"])
@@ -291,11 +313,11 @@ def fit_fold(accelerator: Accelerator, *, stage_name: str, stage: StageConfig, t
                         "targets": list(STAGE_TARGETS[stage_name]), "inputs": list(STAGE_INPUTS[stage_name]),
                         "scalers": {k: s.to_dict() for k, s in scalers.items()},
                         "train_images": int(len(train_idx)), "val_images": int(len(val_idx)), **(extra_meta or {})}
-                save_checkpoint(accelerator.unwrap_model(model), ckpt_path, meta)
+                save_checkpoint(unwrap(accelerator, model), ckpt_path, meta)
         else:
             stale += 1
         if state_dir is not None and accelerator.is_main_process:
-            save_state(state_dir, accelerator.unwrap_model(model), optimizer, scheduler,
+            save_state(state_dir, unwrap(accelerator, model), optimizer, scheduler,
                        {"epoch": epoch, "best": best, "best_epoch": best_epoch, "best_pred": best_pred.tolist(),
                         "stale": stale, "history": history})
         accelerator.wait_for_everyone()

@@ -49,7 +49,10 @@ def check_run_dir(run_dir: Path) -> ExperimentConfig:
     status_file = run_dir / "run.json"
     if not status_file.is_file() or not (run_dir / "config.yaml").is_file():
         raise BiomassError(f"{run_dir} is not a biomass run directory (no run.json / config.yaml)")
-    status = json.loads(status_file.read_text())
+    try:
+        status = json.loads(status_file.read_text())
+    except json.JSONDecodeError as err:
+        raise BiomassError(f"{status_file}: not valid JSON ({err})") from None
     if status.get("format_version") != FORMAT_VERSION:
         raise BiomassError(f"{run_dir} was written by an incompatible biomass version "
                            f"(format {status.get('format_version')}, this version reads {FORMAT_VERSION})")
@@ -59,8 +62,28 @@ def check_run_dir(run_dir: Path) -> ExperimentConfig:
 
 
 def expected_folds(run_dir: Path, stage_name: str, stage: StageConfig) -> list[int]:
-    folds = pd.read_csv(run_dir / "folds.csv")[f"{stage_name}_fold"]
-    return stage.folds.train_folds if stage.folds.train_folds is not None else sorted(set(folds.tolist()))
+    path = run_dir / "folds.csv"
+    if not path.is_file():
+        raise BiomassError(f"{run_dir}: folds.csv is missing; the run directory is incomplete")
+    folds = pd.read_csv(path)
+    if f"{stage_name}_fold" not in folds.columns:
+        raise BiomassError(f"{path}: no column {stage_name + '_fold'!r}; it does not belong to this run's config.yaml")
+    ids = folds[f"{stage_name}_fold"]
+    return stage.folds.train_folds if stage.folds.train_folds is not None else sorted(set(ids.tolist()))
+
+
+def check_checkpoints(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """Every fold checkpoint the config expects is there, checked before any model is built."""
+    for stage_name in ("main", "aux"):
+        stage = getattr(cfg, stage_name)
+        if stage is None:
+            continue
+        for k in expected_folds(run_dir, stage_name, stage):
+            ckpt = run_dir / stage_name / f"fold{k}" / "best.safetensors"
+            for f in (ckpt, ckpt.with_suffix(".json")):
+                if not f.is_file():
+                    raise BiomassError(f"{run_dir}: {stage_name} fold {k} checkpoint is missing "
+                                       f"({f.relative_to(run_dir)})")
 
 
 def load_fold_models(run_dir: Path, stage_name: str, stage: StageConfig, device: torch.device) -> list[FoldModel]:
@@ -176,6 +199,7 @@ def infer(run_dir: Path, data_dir: Path, out: Path, batch_size: int | None = Non
     from biomass.data.images import EpochSampler, ImageDataset, build_augment
 
     cfg = check_run_dir(run_dir)
+    check_checkpoints(run_dir, cfg)
     if not data_dir.is_dir():
         raise DataError(f"--data {data_dir} does not exist")
     rows, images = read_test(data_dir, cfg.data.test_csv)

@@ -66,6 +66,46 @@ def load_train_data(cfg: ExperimentConfig) -> TrainData:
     return TrainData(root, table, sizes, boxes)
 
 
+def check_models(cfg: ExperimentConfig, dry_run: bool = False) -> list[str]:
+    """Build every stage's model on the meta device (no memory, no initialisation) and match each backbone weights
+    file by tensor names and shapes, so that `--dry-run` reports an unknown timm model, a component that does not fit
+    its backbone or a weights file for another model. (Training finds the same when it builds fold 0's model, after
+    the data checks, and records the run as failed.) In a dry run a weights file that is not there is noted
+    (returned) rather than an error, as a missing data.root is."""
+    import torch
+
+    from biomass.engine import STAGE_INPUTS, STAGE_TARGETS
+    from biomass.models.backbones import load_weights
+    from biomass.models.model import build_model
+    from biomass.registry import LOSSES
+
+    notes = []
+    for name in ("main", "aux"):
+        stage = getattr(cfg, name)
+        if stage is None:
+            continue
+        try:
+            loss_cfg = {k: v for k, v in stage.loss.items() if k != "name"}
+            loss = LOSSES.build(stage.loss["name"], len(STAGE_TARGETS[name]), **loss_cfg)
+            with torch.device("meta"):
+                model = build_model(stage, len(STAGE_TARGETS[name]), len(STAGE_INPUTS[name]),
+                                    loss.outputs_per_target, load_weights=False)
+            bb = stage.model.backbone
+            if bb["name"] == "timm" and bb.get("weights"):
+                weights = Path(bb["weights"])
+                if dry_run and not weights.is_file():
+                    notes.append(f"{name}.model.backbone.weights {weights} not found; not checked")
+                    continue
+                load_weights(model.backbone.model, weights, bb.get("strict", True), bb["model_name"],
+                             shapes_only=True)
+        except ConfigError as err:  # the builders name `model.backbone...`; say which stage
+            msg = str(err)
+            raise ConfigError(f"{name}.{msg}" if msg.startswith("model.") else f"{name} stage: {msg}") from None
+        except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device: training's build checks
+            continue
+    return notes
+
+
 def _progress_enabled() -> bool:
     return sys.stdout.isatty() and not os.environ.get("CI")
 
@@ -96,12 +136,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dry_run:
         print(to_yaml(cfg), end="")
+        for note in check_models(cfg, dry_run=True):
+            print(f"# {note}")
         if cfg.data.root.is_dir():
             data = load_train_data(cfg)
             print(f"# data: {len(data.table)} train images in {cfg.data.root} checked ({cfg.data.check_images})"
                   f"{f', {len(data.boxes)} crop boxes' if data.boxes else ''}")
         else:
-            note = " (the demo data is generated there on first use)" if cfg.data.demo else ""
+            generated = cfg.data.demo is not None and not exp.from_cli("data.root")
+            note = " (the demo data is generated there on first use)" if generated else \
+                "; training stops here until it exists"
             print(f"# data: {cfg.data.root} not found; not checked{note}")
         return 0
 
@@ -117,13 +161,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# What a run writes into its directory. `--force` removes these first: a fold's done.json or saved state left by an
+# earlier run would otherwise be taken for this run's and skip or resume that fold.
+RUN_OUTPUTS = (STATUS_FILE, "config.yaml", "folds.csv", "oof.csv", "oof_deployable.csv", "aux_oof.csv", "metrics.json",
+               "plots", "main", "aux", "state")
+
+
 def new_run_dir(cfg: ExperimentConfig, run_dir: Path | None, force: bool) -> Path:
     if run_dir is None:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / cfg.name / stamp
     run_dir = run_dir.resolve()
-    if run_dir.exists() and any(run_dir.iterdir()) and not force:
-        raise BiomassError(f"run directory {run_dir} already exists; pass --force to overwrite it")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise BiomassError(f"--run-dir {run_dir} is a file, not a directory")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not force:
+            raise BiomassError(f"run directory {run_dir} already exists; pass --force to overwrite it, or "
+                               f"--resume {run_dir} to continue an interrupted run")
+        import shutil
+
+        for name in RUN_OUTPUTS:  # only what a run writes: other files in the folder are left alone
+            path = run_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -138,7 +200,8 @@ def elapsed(start: float) -> str:
     return str(dt.timedelta(seconds=round(time.time() - start)))
 
 
-__all__ = ["TABULAR", "TrainData", "ensure_demo_data", "load_train_data", "long_format", "main", "new_run_dir"]
+__all__ = ["TABULAR", "TrainData", "check_models", "ensure_demo_data", "load_train_data", "long_format", "main",
+           "new_run_dir"]
 
 
 if __name__ == "__main__":

@@ -183,7 +183,8 @@ def train_stage(accelerator, cfg: ExperimentConfig, stage_name: str, data: Train
                               num_workers=cfg.data.num_workers, ckpt_path=checkpoint_path(run_dir, stage_name, k),
                               init_state=init_state, log=log if accelerator.is_main_process else None,
                               progress=lambda: progress.advance(batch_task),
-                              state_dir=run_dir / "state" / stage_name / f"fold{k}")
+                              state_dir=run_dir / "state" / stage_name / f"fold{k}",
+                              compile_model=cfg.runtime.compile)
             tracker.metrics({"fold/score": result.best["score"], "fold/best_epoch": result.best_epoch})
         oof[val_idx] = result.predictions
         results.append(result)

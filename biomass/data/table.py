@@ -4,8 +4,11 @@ Every check raises one DataError naming the file and the sample_id, image or col
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -78,13 +81,15 @@ def read_train(root: Path, csv_name: str = "train.csv") -> pd.DataFrame:
         bad = values.isna() | ~np.isfinite(values.fillna(0.0))
         if bad.any():
             row = df[bad].iloc[0]
-            raise DataError(f"{path}: sample_id {row['sample_id']!r} has a missing, non-numeric or infinite "
-                            f"{col!r}: {row[col]!r}")
+            value = row[col]
+            shown = repr(value) if isinstance(value, str) else str(value)
+            what = "no value (empty or NaN)" if pd.isna(value) else f"{shown}, which is not a finite number,"
+            raise DataError(f"{path}: sample_id {row['sample_id']!r} has {what} in column {col!r}")
         df[col] = values.astype(float)
     negative = df["target"] < 0
     if negative.any():
         row = df[negative].iloc[0]
-        raise DataError(f"{path}: sample_id {row['sample_id']!r} has a negative target {row['target']!r}")
+        raise DataError(f"{path}: sample_id {row['sample_id']!r} has a negative target: {row['target']:g}")
     for col in (*TABULAR, *META):
         varies = df.groupby("image_path")[col].nunique(dropna=False) > 1
         if varies.any():
@@ -147,16 +152,49 @@ def _check_one(root: Path, image_path: str, mode: str) -> tuple[int, int] | str:
         return im.height, im.width
 
 
+@contextlib.contextmanager
+def _c_stderr() -> Iterator[list[str]]:
+    """Capture what C libraries write to file descriptor 2 (libjpeg's "Corrupt JPEG data: ..."), so that it does
+    not interleave with our one-line messages; the text is appended to the yielded list on exit."""
+    captured: list[str] = []
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to keep apart
+        yield captured
+        captured.append("")
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured.append(tmp.read().decode(errors="replace").strip())
+
+
 def check_images(root: Path, image_paths: Iterable[str], mode: str = "decode",
                  workers: int | None = None) -> dict[str, tuple[int, int]]:
-    """Every image present and decodable (in parallel); returns {image_path: (height, width)}."""
+    """Every image present and decodable (in parallel); returns {image_path: (height, width)}.
+
+    An image that decodes but makes libjpeg complain (damaged entropy-coded data) is named in a warning on stderr.
+    """
     root = Path(root)
     paths = list(image_paths)
-    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) * 2)) as pool:
+    with _c_stderr() as noise, ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) * 2)) as pool:
         results = list(pool.map(lambda p: _check_one(root, p, mode), paths))
     for p, r in zip(paths, results):
         if isinstance(r, str):
             raise DataError(f"image {root / p}: {r}")
+    if noise[0]:  # rare: find which images libjpeg complained about, one at a time
+        for p in paths:
+            with _c_stderr() as one:
+                _check_one(root, p, mode)
+            if one[0]:
+                print(f"warning: image {root / p}: decoded, but libjpeg reports "
+                      f"{' / '.join(one[0].splitlines())!r}; check the file", file=sys.stderr)
     return dict(zip(paths, results))  # type: ignore[arg-type]
 
 

@@ -29,10 +29,69 @@ class FeatureSpec:
     grid: tuple[int, int]  # patch-grid rows and columns for the configured image size
 
 
+class _NoGrad:
+    """Forward pre/post hooks that run one module under torch.no_grad() and then restore the caller's grad mode.
+
+    Only when no tensor argument requires grad: the module's parameters are frozen (checked when the hooks are
+    registered), so its output would not require grad either, and no_grad changes no value and no gradient. Each
+    module is its own island, so whatever wraps the call (gradient checkpointing, torch.compile) sees its grad mode
+    restored on return.
+    """
+
+    def __init__(self):
+        self.saved: list[bool] = []
+
+    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.saved.append(torch.is_grad_enabled())
+        if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values())):
+            torch.set_grad_enabled(False)
+
+    def exit(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        if self.saved:
+            torch.set_grad_enabled(self.saved.pop())
+
+
+def frozen_prefix(model: nn.Module) -> list[str]:
+    """Submodules of a timm ViT (a model with `blocks`) that run before its first trainable parameter: the patch
+    embedding (every child ahead of `blocks` that has parameters) and the leading blocks whose parameters are all
+    frozen. Empty for models without `blocks`, or when anything ahead of the first block trains."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
+        return []
+
+    def frozen(m: nn.Module, recurse: bool = True) -> bool:
+        return not any(p.requires_grad for p in m.parameters(recurse=recurse))
+
+    ahead = []
+    for name, child in model.named_children():
+        if child is blocks:
+            break
+        if any(True for _ in child.parameters()):
+            ahead.append(name)
+    if not (frozen(model, recurse=False) and all(frozen(model.get_submodule(n)) for n in ahead)):
+        return []  # cls/pos/register tokens or the patch embedding train: the first block's input needs grad
+    names = list(ahead)
+    for i, block in enumerate(blocks):
+        if not frozen(block):
+            break
+        names.append(f"blocks.{i}")
+    return names
+
+
 class TimmBackbone(nn.Module):
-    def __init__(self, model: nn.Module, image_size: tuple[int, int]):
+    """A timm model as a token extractor. With `no_grad_prefix`, the frozen prefix of a ViT (patch embedding and
+    the leading blocks whose parameters are all frozen) runs under torch.no_grad(): same outputs and gradients, and
+    autograd records nothing for it (`no_grad_modules` names those submodules)."""
+
+    def __init__(self, model: nn.Module, image_size: tuple[int, int], no_grad_prefix: bool = True):
         super().__init__()
         self.model = model
+        self.no_grad_modules = frozen_prefix(model) if no_grad_prefix else []
+        for name in self.no_grad_modules:
+            hooks = _NoGrad()
+            sub = model.get_submodule(name)
+            sub.register_forward_pre_hook(hooks.enter, with_kwargs=True)
+            sub.register_forward_hook(hooks.exit, with_kwargs=True, always_call=True)
         self.is_vit = hasattr(model, "num_prefix_tokens") and hasattr(model, "patch_embed")
         if self.is_vit:
             patch = model.patch_embed.patch_size
@@ -70,17 +129,23 @@ def clean_state_dict(state: dict[str, torch.Tensor], expected: set[str]) -> dict
     return {k: v for k, v in state.items() if not (k.startswith(("head.", "fc.", "classifier.")) and k not in expected)}
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The file's state dict; with `shapes_only`, tensors on the meta device (names and shapes, no data read)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"backbone weights file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" and shapes_only:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                state = {k: torch.empty(fh.get_slice(k).get_shape(), device="meta") for k in fh.keys()}
+        elif path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(path))
         else:  # .pth / .bin / .pt: tensors only, never arbitrary pickled objects
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="meta" if shapes_only else "cpu", weights_only=True)
     except Exception as err:
         raise ConfigError(f"backbone weights {path}: cannot be read ({' '.join(str(err).split())[:200]})") from None
     for key in ("state_dict", "model", "module"):
@@ -91,9 +156,10 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, path: Path, strict: bool, model_name: str) -> None:
+def load_weights(model: nn.Module, path: Path, strict: bool, model_name: str, shapes_only: bool = False) -> None:
+    """Load `path` into `model`; with `shapes_only`, only check that it would load (tensor names and shapes)."""
     expected = dict(model.state_dict())
-    state = clean_state_dict(read_weights(path), set(expected))
+    state = clean_state_dict(read_weights(path, shapes_only), set(expected))
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [k for k in state if k in expected and state[k].shape != expected[k].shape]
@@ -109,6 +175,8 @@ def load_weights(model: nn.Module, path: Path, strict: bool, model_name: str) ->
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         raise ConfigError(f"backbone weights {path} do not match {model_name}: {'; '.join(parts)} keys. "
                           "Set model.backbone.strict=false to load what matches")
+    if shapes_only:
+        return
     usable = {k: v for k, v in state.items() if k in expected and k not in mismatched}
     model.load_state_dict(usable, strict=False)
     if not strict and (missing or unexpected or mismatched):
@@ -137,8 +205,10 @@ def freeze(model: nn.Module, fraction: float = 0.0, blocks: int | None = None) -
 def timm_backbone(image_size: tuple[int, int], /, *, model_name: str, pretrained: bool = False,
                   weights: Path | None = None, strict: bool = True, freeze_fraction: float = 0.0,
                   freeze_blocks: int | None = None, grad_checkpointing: bool = False,
-                  drop_path_rate: float | None = None, model_kwargs: dict = {}) -> TimmBackbone:  # noqa: B006
-    """Any timm model by name, without classifier; weights from a local file (offline) or the hub if pretrained."""
+                  drop_path_rate: float | None = None, no_grad_prefix: bool = True,
+                  model_kwargs: dict = {}) -> TimmBackbone:  # noqa: B006
+    """Any timm model by name, without classifier; weights from a local file (offline) or the hub if pretrained.
+    `no_grad_prefix`: run a ViT's frozen patch embedding and leading frozen blocks under torch.no_grad()."""
     if pretrained and weights:
         raise ConfigError("model.backbone: set either pretrained=true (download) or weights=PATH (local), not both")
     if not 0.0 <= freeze_fraction <= 1.0:
@@ -165,5 +235,5 @@ def timm_backbone(image_size: tuple[int, int], /, *, model_name: str, pretrained
     freeze(model, freeze_fraction, freeze_blocks)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
-    return TimmBackbone(model, tuple(image_size))
+    return TimmBackbone(model, tuple(image_size), no_grad_prefix)
 
