@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m biomass.bench {loader,train,infer,order} [options] [--json]`.
+"""Benchmarks: `python -m biomass.bench {loader,train,infer,order,ridge} [options] [--json]`.
 
 - `loader`: images/s per core (one thread, in-process) on 2000x1000 JPEGs for four pipelines: `decode` (cv2.imread
   alone, the limit), `seed` (the seed's order: full-resolution augmentation, A.Resize, float A.Normalize, ToTensorV2),
@@ -9,6 +9,8 @@
   against a plain fp32 PyTorch loop in the seed's style (float input normalised on the CPU, loss.item() every step),
   each in its own process; MFU on CUDA; and the activations autograd keeps with and without the frozen prefix.
 - `infer`: images/s of the whole `biomass.infer` chain on a run directory.
+- `ridge`: an experiment (default the demo profile) trained on freshly rendered 2000x1000 data it has never seen,
+  its submission scored beside the colour-histogram ridge's on the same split (biomass.baselines.versus_ridge).
 - `order`: how far each augmentation is from commuting with the resize, and how the resize attenuates pixel noise.
 
 `--json` prints exactly one JSON object on stdout; everything else goes to stderr. See docs/BENCHMARKS.md.
@@ -569,6 +571,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path)
     p.add_argument("--size", type=int, default=800)
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("ridge", help="an experiment vs the colour-histogram ridge on unseen data")
+    p.add_argument("--experiment", type=Path, default=REPO / "experiments" / "demo.yaml")
+    p.add_argument("--data", type=Path, help="Kaggle-layout folder with solution.csv (default: render a new one)")
+    p.add_argument("--n-train", type=int, default=96)
+    p.add_argument("--n-test", type=int, default=96)
+    p.add_argument("--seed", type=int, default=123, help="render seed (default 123: used nowhere else)")
+    p.add_argument("--width", type=int, default=2000)
+    p.add_argument("--height", type=int, default=1000)
+    p.add_argument("--work", type=Path, help="keep data, run and submissions here (default: a temporary folder)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for the experiment")
+    p.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
     if args.cmd == "loader":
@@ -595,6 +608,19 @@ def main(argv: list[str] | None = None) -> int:
             s = r["saved_activations"]
             rows += [(k, _fmt(v)) for k, v in s.items() if k.startswith("saved_mb")]
         emit(r, args.json, f"train step: {args.model} {args.size}px batch {args.batch} freeze {args.freeze}", rows)
+    elif args.cmd == "ridge":
+        from biomass.baselines import versus_ridge
+
+        with tempfile.TemporaryDirectory() as tmp:
+            work = args.work or Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            r = versus_ridge(args.experiment, work, args.data, args.n_train, args.n_test, args.seed, args.width,
+                             args.height, tuple(args.overrides))
+        r["settings"] = {"n_train": args.n_train, "n_test": args.n_test, "seed": args.seed,
+                         "size": [args.width, args.height], **machine()}
+        emit(r, args.json, "experiment vs colour-histogram ridge (test weighted R2)",
+             [(k, _fmt(r[k])) for k in ("ridge", "model", "margin", "cv", "cv_deployable")]
+             + [(f"{k} s", _fmt(v)) for k, v in r["seconds"].items()])
     elif args.cmd == "infer":
         r = infer_bench(args.run_dir, args.data, args.batch_size, args.repeats)
         emit(r, args.json, "inference chain", [(k, _fmt(r[k])) for k in ("images_per_s", "seconds", "images",
