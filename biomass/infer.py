@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from biomass.config import ExperimentConfig, StageConfig, load_yaml, validate
 from biomass.constants import TABULAR, TARGET_WEIGHTS, TARGETS
 from biomass.data.scalers import Scaler
+from biomass.models.heads import FusionHead
 from biomass.data.table import check_images, read_test
 from biomass.errors import BiomassError, ConfigError, DataError, run_cli
 from biomass.registry import LOSSES
@@ -40,6 +41,11 @@ class FoldModel:
     loss: torch.nn.Module  # for point(): which raw output is the prediction
     targets: Scaler
     tabular: Scaler | None
+
+
+def uses_tabular(model: torch.nn.Module) -> bool:
+    """Whether the model's head reads its tabular input (a fusion branch), or ignores it (image_only)."""
+    return any(isinstance(m, FusionHead) and m.tabular is not None for m in model.modules())
 
 
 def check_run_dir(run_dir: Path) -> ExperimentConfig:
@@ -107,8 +113,10 @@ def load_fold_models(run_dir: Path, stage_name: str, stage: StageConfig, device:
         except RuntimeError as err:
             raise BiomassError(f"{ckpt}: does not match the run's config.yaml ({str(err).splitlines()[0]})") from None
         scalers = meta["scalers"]
+        # an image_only head ignores NDVI/Height: it needs no tabular scaler and no aux stage
+        tabular = Scaler.from_dict(scalers["tabular"]) if "tabular" in scalers and uses_tabular(model) else None
         out.append(FoldModel(k, model.eval().to(device), loss.to(device), Scaler.from_dict(scalers["targets"]),
-                             Scaler.from_dict(scalers["tabular"]) if "tabular" in scalers else None))
+                             tabular))
     return out
 
 

@@ -104,6 +104,24 @@ def test_infer_writes_a_scorable_submission(run_dir, tiny_data, tmp_path):
     assert -5 < score_files(tiny_data / "solution.csv", out)["weighted_r2"] <= 1
 
 
+def test_image_only_run_without_aux_infers(tmp_path, tiny_data, mlflow_uri):
+    from biomass.infer import infer
+
+    run = train(tmp_path / "image_only", tiny_data, "aux=null", "main.model.head={name: image_only}",
+                "main.train.epochs=1")
+    sub = infer(run, tiny_data, tmp_path / "submission.csv")
+    assert len(sub) == 25 and (sub["target"] >= 0).all()
+
+
+def test_fusion_run_without_aux_is_refused_at_inference(tmp_path, tiny_data, mlflow_uri):
+    from biomass.errors import ConfigError
+    from biomass.infer import infer
+
+    run = train(tmp_path / "fusion", tiny_data, "aux=null", "main.train.epochs=1")
+    with pytest.raises(ConfigError, match="no aux stage"):
+        infer(run, tiny_data, tmp_path / "submission.csv")
+
+
 def test_infer_errors_name_the_problem(run_dir, tiny_data, tmp_path):
     from biomass.errors import BiomassError
     from biomass.infer import infer
