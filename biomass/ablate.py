@@ -388,7 +388,7 @@ def summarise(ablation: Ablation, results: list[RunResult]) -> list[dict[str, An
             row["status"] = "completed"
         else:
             errors = [f"seed {r.seed}: {r.error}" if len(runs) > 1 else r.error for r in runs if r.error]
-            row["status"] = (f"failed" if not ok else f"{len(ok)}/{len(runs)} completed") + f" ({'; '.join(errors)})"
+            row["status"] = ("failed" if not ok else f"{len(ok)}/{len(runs)} completed") + f" ({'; '.join(errors)})"
         row["changes"] = "; ".join(f"{k}: {a} -> {b}" for k, a, b in shown_changes(v.changes))
         rows.append(row)
     rest = sorted(rows[1:], key=lambda r: (r["score"] is None, -(r["score"] or 0.0)))

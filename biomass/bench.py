@@ -284,9 +284,8 @@ def train_variant(variant: str, args) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from biomass.constants import IMAGENET_MEAN, IMAGENET_STD
-    from biomass.engine import make_optimizer, maybe_compile, train_one_epoch, unwrap
-    from biomass.models.model import build_model
-    from biomass.registry import LOSSES, load_components
+    from biomass.engine import build_stage_model, make_optimizer, maybe_compile, train_one_epoch, unwrap
+    from biomass.registry import load_components
 
     load_components()
     cuda = torch.cuda.is_available() and not args.cpu
@@ -296,11 +295,10 @@ def train_variant(variant: str, args) -> dict[str, Any]:
     if variant == "saved":
         return {"variant": variant, "device": str(device), **_saved_activations(args)}
     stage = _stage(args.model, args.size, args.freeze, args.batch, args.grad_checkpointing)
-    loss_cfg = {k: v for k, v in stage.loss.items() if k != "name"}
-    loss_fn = LOSSES.build(stage.loss["name"], 5, **loss_cfg).to(device)
     rss_before = _peak_memory(torch.device("cpu"))["peak_memory_mb"]
     torch.manual_seed(0)
-    model = build_model(stage, 5, 2, loss_fn.outputs_per_target, load_weights=False)
+    model, loss_fn = build_stage_model("main", stage, load_weights=False)
+    loss_fn = loss_fn.to(device)
     g = torch.Generator().manual_seed(1)
     b, s = args.batch, args.size
     u8 = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=g)

@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,27 @@ def train_one_epoch(accelerator: Accelerator, model, loader, loss_fn, optimizer,
     return float(mean.item())
 
 
+def build_stage_model(stage_name: str, stage: StageConfig, load_weights: bool = True
+                      ) -> tuple[BiomassModel, torch.nn.Module]:
+    """A stage's model and loss: the loss decides how many raw outputs each target gets (quantiles: several)."""
+    loss = LOSSES.build(stage.loss["name"], len(STAGE_TARGETS[stage_name]),
+                        **{k: v for k, v in stage.loss.items() if k != "name"})
+    model = build_model(stage, len(STAGE_TARGETS[stage_name]), len(STAGE_INPUTS[stage_name]), loss.outputs_per_target,
+                        load_weights=load_weights)
+    return model, loss
+
+
+def views(x: torch.Tensor, names: Sequence[str]):
+    """The TTA views of a batch: none, hflip (last axis), vflip (rows) or hvflip."""
+    for name in names:
+        y = x
+        if name in ("hflip", "hvflip"):
+            y = y.flip(-1)
+        if name in ("vflip", "hvflip"):
+            y = y.flip(-2)
+        yield y
+
+
 @torch.inference_mode()
 def predict_raw(accelerator: Accelerator, model, loader, tabular_override: np.ndarray | None = None,
                 flips: tuple[str, ...] = ("none",)) -> tuple[np.ndarray, np.ndarray]:
@@ -148,15 +170,7 @@ def predict_raw(accelerator: Accelerator, model, loader, tabular_override: np.nd
         if tabular_override is not None:
             tab = torch.as_tensor(tabular_override[batch["index"].cpu().numpy()], dtype=torch.float32,
                                   device=image.device)
-        views = []
-        for view in flips:
-            x = image
-            if view in ("hflip", "hvflip"):
-                x = x.flip(-1)
-            if view in ("vflip", "hvflip"):
-                x = x.flip(-2)
-            views.append(model(x, tab).float())
-        raw = torch.stack(views).mean(0)
+        raw = torch.stack([model(x, tab).float() for x in views(image, flips)]).mean(0)
         raw, index = accelerator.gather_for_metrics((raw, batch["index"]))
         outs.append(raw.cpu())
         idx.append(index.cpu())
@@ -255,11 +269,8 @@ def fit_fold(accelerator: Accelerator, *, stage_name: str, stage: StageConfig, t
     x_tab = (scalers["tabular"].transform(table[list(STAGE_INPUTS[stage_name])].to_numpy(np.float64))
              if "tabular" in scalers else np.zeros((len(table), 0))).astype(np.float32)
 
-    loss_fn = LOSSES.build(stage.loss["name"], len(STAGE_TARGETS[stage_name]),
-                           **{k: v for k, v in stage.loss.items() if k != "name"})
     torch.manual_seed(draw_seed(seed, fold, 1))  # same initial weights on every process and every run
-    model: BiomassModel = build_model(stage, len(STAGE_TARGETS[stage_name]), len(STAGE_INPUTS[stage_name]),
-                                      loss_fn.outputs_per_target)
+    model, loss_fn = build_stage_model(stage_name, stage)
     if init_state is not None:
         missing = model.backbone.load_state_dict(init_state, strict=False)
         if missing.missing_keys:

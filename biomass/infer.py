@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from biomass.config import ExperimentConfig, StageConfig, load_yaml, validate
 from biomass.constants import TABULAR, TARGET_WEIGHTS, TARGETS
 from biomass.data.scalers import Scaler
-from biomass.models.heads import FusionHead
 from biomass.data.table import check_images, read_test
+from biomass.engine import build_stage_model, views
 from biomass.errors import BiomassError, ConfigError, DataError, run_cli
-from biomass.registry import LOSSES
+from biomass.models.heads import FusionHead
 
 FORMAT_VERSION = 1
 
@@ -95,19 +95,14 @@ def check_checkpoints(run_dir: Path, cfg: ExperimentConfig) -> None:
 def load_fold_models(run_dir: Path, stage_name: str, stage: StageConfig, device: torch.device) -> list[FoldModel]:
     from safetensors.torch import load_model
 
-    from biomass.engine import STAGE_INPUTS, STAGE_TARGETS
-    from biomass.models.model import build_model
 
     out = []
-    loss_cfg = {k: v for k, v in stage.loss.items() if k != "name"}
     for k in expected_folds(run_dir, stage_name, stage):
         ckpt = run_dir / stage_name / f"fold{k}" / "best.safetensors"
         if not ckpt.is_file() or not ckpt.with_suffix(".json").is_file():
             raise BiomassError(f"{run_dir}: {stage_name} fold {k} checkpoint is missing ({ckpt.relative_to(run_dir)})")
         meta = json.loads(ckpt.with_suffix(".json").read_text())
-        loss = LOSSES.build(stage.loss["name"], len(STAGE_TARGETS[stage_name]), **loss_cfg)
-        model = build_model(stage, len(STAGE_TARGETS[stage_name]), len(STAGE_INPUTS[stage_name]),
-                            loss.outputs_per_target, load_weights=False)
+        model, loss = build_stage_model(stage_name, stage, load_weights=False)
         try:
             load_model(model, str(ckpt))
         except RuntimeError as err:
@@ -142,16 +137,6 @@ def mass_balance(pred: np.ndarray, weights=TARGET_WEIGHTS) -> np.ndarray:
     w_inv = np.diag(1.0 / np.asarray(weights))
     correction = w_inv @ a.T @ np.linalg.solve(a @ w_inv @ a.T, a @ pred.T)
     return pred - correction.T
-
-
-def views(x: torch.Tensor, names: list[str]):
-    for name in names:
-        y = x
-        if name in ("hflip", "hvflip"):
-            y = y.flip(-1)
-        if name in ("vflip", "hvflip"):
-            y = y.flip(-2)
-        yield y
 
 
 def _t(a: np.ndarray, device) -> torch.Tensor:

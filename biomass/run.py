@@ -15,7 +15,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -74,10 +73,8 @@ def check_models(cfg: ExperimentConfig, dry_run: bool = False) -> list[str]:
     (returned) rather than an error, as a missing data.root is."""
     import torch
 
-    from biomass.engine import STAGE_INPUTS, STAGE_TARGETS
+    from biomass.engine import build_stage_model
     from biomass.models.backbones import load_weights
-    from biomass.models.model import build_model
-    from biomass.registry import LOSSES
 
     notes = []
     for name in ("main", "aux"):
@@ -85,11 +82,8 @@ def check_models(cfg: ExperimentConfig, dry_run: bool = False) -> list[str]:
         if stage is None:
             continue
         try:
-            loss_cfg = {k: v for k, v in stage.loss.items() if k != "name"}
-            loss = LOSSES.build(stage.loss["name"], len(STAGE_TARGETS[name]), **loss_cfg)
             with torch.device("meta"):
-                model = build_model(stage, len(STAGE_TARGETS[name]), len(STAGE_INPUTS[name]),
-                                    loss.outputs_per_target, load_weights=False)
+                model, _ = build_stage_model(name, stage, load_weights=False)
             bb = stage.model.backbone
             if bb["name"] == "timm" and bb.get("weights"):
                 weights = Path(bb["weights"])

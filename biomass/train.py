@@ -24,9 +24,10 @@ from biomass import __version__
 from biomass.config import Experiment, ExperimentConfig, StageConfig, to_yaml
 from biomass.constants import TABULAR, TARGETS
 from biomass.data.cache import make_reader
-from biomass.engine import STAGE_INPUTS, STAGE_TARGETS, FoldResult, fit_fold, predict_raw, stage_score, write_json
+from biomass.engine import (STAGE_TARGETS, FoldResult, build_stage_model, fit_fold, predict_raw, stage_score,
+                            write_json)
 from biomass.metrics import score_report
-from biomass.registry import LOSSES, SPLITTERS
+from biomass.registry import SPLITTERS
 from biomass.run import (
     STATUS_FILE,
     TrainData,
@@ -206,13 +207,11 @@ def deployable_predictions(accelerator, cfg: ExperimentConfig, data: TrainData, 
 
     from biomass.data.scalers import Scaler
     from biomass.engine import make_loader
-    from biomass.models.model import build_model
 
     stage = cfg.main
     reader = make_reader(cfg.data.cache_dir, data.root, list(data.table["image_path"]), tuple(stage.image.size),
                          data.boxes if stage.image.crop else None, data.sizes, stage.image.layout)
     out = np.full((len(data.table), len(TARGETS)), np.nan)
-    loss_cfg = {k: v for k, v in stage.loss.items() if k != "name"}
     for result in main_results:
         val_idx = result.val_index[~np.isnan(aux_oof[result.val_index]).any(axis=1)]
         if len(val_idx) == 0:
@@ -220,8 +219,7 @@ def deployable_predictions(accelerator, cfg: ExperimentConfig, data: TrainData, 
         ckpt = checkpoint_path(run_dir, "main", result.fold)
         meta = json.loads(ckpt.with_suffix(".json").read_text())
         scalers = {k: Scaler.from_dict(v) for k, v in meta["scalers"].items()}
-        loss_fn = LOSSES.build(stage.loss["name"], len(TARGETS), **loss_cfg)
-        model = build_model(stage, len(TARGETS), len(TABULAR), loss_fn.outputs_per_target, load_weights=False)
+        model, loss_fn = build_stage_model("main", stage, load_weights=False)
         load_model(model, str(ckpt))
         tab = scalers["tabular"].transform(aux_oof[val_idx]).astype(np.float32)
         dummy = np.zeros((len(data.table), len(TABULAR)), np.float32)
