@@ -1,6 +1,6 @@
 """The demo profile, trained on data this project has never seen, against a colour-histogram ridge on the same split.
 
-Slow (about 10 minutes on 2 cores): `python -m pytest -m slow tests/test_versus_ridge.py`. The same measurement is
+Slow (about 4 minutes on 2 cores): `python -m pytest -m slow tests/test_versus_ridge.py`. The same measurement is
 `python -m biomass.bench ridge`; docs/BENCHMARKS.md records its numbers.
 """
 from __future__ import annotations
@@ -16,8 +16,6 @@ MARGIN = 0.05  # "clearly above": five hundredths of weighted R² on 96 unseen t
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="open (issue 4): measured 2026-11-24 the demo profile scores 0.69 against the "
-                   "ridge's 0.77 on this split (docs/BENCHMARKS.md); strict, so a pass fails until this mark goes")
 def test_demo_profile_beats_colour_ridge_on_unseen_data(tmp_path):
     # seed 123 is used nowhere else: labels, order, borders and rendering are all new to the project
     result = versus_ridge(REPO / "experiments" / "demo.yaml", tmp_path, n_train=96, n_test=96, seed=123,
