@@ -284,7 +284,7 @@ def fit_fold(accelerator: Accelerator, *, stage_name: str, stage: StageConfig, t
                              n_proc)
     optimizer = make_optimizer(model, stage, accelerator.device)
     sched_cfg = dict(stage.scheduler)
-    scheduler = SCHEDULERS.get(sched_cfg.pop("name"))(optimizer, **sched_cfg)
+    scheduler = SCHEDULERS.build(sched_cfg.pop("name"), optimizer, stage.train.epochs, **sched_cfg)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     model = maybe_compile(model, compile_model)
     loss_fn.to(accelerator.device)

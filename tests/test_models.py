@@ -33,7 +33,7 @@ def test_registries_filled():
     assert {"gap", "cls", "gem", "hybrid_texture"} <= set(POOLINGS.names())
     assert {"fusion", "image_only", "aux_mlp", "consistent"} <= set(HEADS.names())
     assert {"weighted_smooth_l1", "mse", "quantile", "log_cosh", "r2"} <= set(LOSSES.names())
-    assert {"cosine_warm_restarts", "plateau", "constant"} <= set(SCHEDULERS.names())
+    assert {"cosine_warm_restarts", "cosine", "plateau", "constant"} <= set(SCHEDULERS.names())
 
 
 # ------------------------------------------------------------------------------------------------------ backbones
@@ -588,7 +588,7 @@ def test_r2_loss_is_one_minus_weighted_r2(weights):
 def test_scheduler_builds_and_steps(name):
     param = nn.Parameter(torch.ones(3))
     opt = torch.optim.AdamW([param], lr=1e-3)
-    sched = SCHEDULERS.build(name, opt)
+    sched = SCHEDULERS.build(name, opt, 10)  # a 10-epoch stage, 3 epochs in
     for epoch in range(3):
         opt.zero_grad()
         param.square().sum().backward()
@@ -600,7 +600,7 @@ def test_scheduler_builds_and_steps(name):
 
 def test_plateau_reduces_on_a_flat_loss():
     opt = torch.optim.AdamW([nn.Parameter(torch.ones(1))], lr=1e-3)
-    sched = SCHEDULERS.build("plateau", opt, factor=0.5, patience=2)
+    sched = SCHEDULERS.build("plateau", opt, 4, factor=0.5, patience=2)
     for _ in range(4):
         sched.step(1.0)
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
@@ -617,12 +617,30 @@ def test_cosine_warm_restarts_reproduces_torch():
             sched.step()
         return out
 
-    ours = lrs(lambda o: SCHEDULERS.build("cosine_warm_restarts", o))  # defaults are the seed's 10, 2, 1e-6
+    ours = lrs(lambda o: SCHEDULERS.build("cosine_warm_restarts", o, 20))  # defaults are the seed's 10, 2, 1e-6
     theirs = lrs(lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=10, T_mult=2, eta_min=1e-6))
     assert ours == theirs
     closed = [1e-6 + (5e-5 - 1e-6) * (1 + math.cos(math.pi * (e if e < 10 else e - 10) / (10 if e < 10 else 20))) / 2
               for e in range(20)]
     np.testing.assert_allclose(ours, closed, rtol=1e-9)
+
+
+def test_cosine_spans_the_stage_epochs():
+    # one cycle over train.epochs: the same per-epoch lrs as warm restarts with T_0 = epochs, T_mult = 1
+    def lrs(make, epochs=12):
+        opt = torch.optim.AdamW([nn.Parameter(torch.ones(1))], lr=3e-3)
+        sched = make(opt)
+        out = []
+        for _ in range(epochs):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    ours = lrs(lambda o: SCHEDULERS.build("cosine", o, 12, eta_min=1e-5))
+    restarts = lrs(lambda o: SCHEDULERS.build("cosine_warm_restarts", o, 12, T_0=12, T_mult=1, eta_min=1e-5))
+    np.testing.assert_allclose(ours, restarts, rtol=1e-9)
+    assert ours[0] == 3e-3 and ours[-1] < ours[len(ours) // 2] < ours[0]
 
 
 # ---------------------------------------------------------------------------------------------------- build_model
