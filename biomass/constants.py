@@ -16,6 +16,10 @@ TEST_COLUMNS: tuple[str, ...] = ("sample_id", "image_path", "target_name")
 # Per-image metadata columns carried into the wide table.
 META: tuple[str, ...] = ("Sampling_Date", "State", "Species")
 
+# Short column headers for tables, so they fit an 80-column terminal.
+SHORT = {"Dry_Green_g": "Green", "Dry_Dead_g": "Dead", "Dry_Clover_g": "Clover", "GDM_g": "GDM",
+         "Dry_Total_g": "Total", "Pre_GSHH_NDVI": "NDVI", "Height_Ave_cm": "Height"}
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 

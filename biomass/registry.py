@@ -2,7 +2,8 @@
 
 A builder is a plain function (or class) registered under a short snake_case name; its keyword arguments, with type
 hints and defaults, are the config node's schema: `{name: gem, p: 3.0}` calls `POOLINGS.build("gem", p=3.0, ...)`.
-`python -m biomass.registry` prints every registered component.
+The registry imports no component: `biomass.components` imports every registering module (timm's layout), and
+`python -m biomass.components` prints them all.
 """
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ class Registry:
         """Call the builder: runtime context positionally (sizes, dims), config values as keywords."""
         return self.get(name)(*context, **kwargs)
 
+    def build_node(self, node: dict[str, Any], *context: Any, **extra: Any) -> Any:
+        """Build a validated config node `{name: ..., **kwargs}`: runtime context positionally, `extra` keywords
+        (runtime objects that are not config, e.g. a head's target space) merged over the node's arguments."""
+        kwargs = {k: v for k, v in node.items() if k != "name"}
+        return self.get(node["name"])(*context, **kwargs, **extra)
+
     def names(self) -> list[str]:
         return sorted(self._builders)
 
@@ -62,44 +69,8 @@ BACKBONES = Registry("backbone")
 POOLINGS = Registry("pooling")
 HEADS = Registry("head")
 LOSSES = Registry("loss")
+OPTIMIZERS = Registry("optimizer")
 SCHEDULERS = Registry("scheduler")
 SPLITTERS = Registry("fold splitter")
 
-ALL: dict[str, Registry] = {r.kind: r for r in (BACKBONES, POOLINGS, HEADS, LOSSES, SCHEDULERS, SPLITTERS)}
-
-
-def load_components() -> None:
-    """Import every module that registers something, explicitly, so no registry is ever half-filled."""
-    import biomass.data.folds  # noqa: F401
-    import biomass.losses  # noqa: F401
-    import biomass.models.backbones  # noqa: F401
-    import biomass.models.heads  # noqa: F401
-    import biomass.models.poolings  # noqa: F401
-    import biomass.schedulers  # noqa: F401
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    load_components()
-    table = Table(title="biomass components")
-    for col in ("kind", "name", "arguments (defaults)", "what it is"):
-        table.add_column(col, no_wrap=col in ("kind", "name"))  # names in full, even on a narrow terminal or pipe
-    for kind, reg in ALL.items():
-        for name in reg.names():
-            params = ", ".join(
-                k if p.default is inspect.Parameter.empty else f"{k}={p.default!r}"
-                for k, p in reg.parameters(name).items()
-            )
-            table.add_row(kind, name, params, reg.describe(name))
-    Console().print(table)
-    return 0
-
-
-if __name__ == "__main__":
-    from biomass.errors import run_cli
-    # This file runs as `__main__`, a second copy of the module: the components register into `biomass.registry`.
-    from biomass.registry import main as registry_main
-
-    run_cli(registry_main)
+ALL: dict[str, Registry] = {r.kind: r for r in (BACKBONES, POOLINGS, HEADS, LOSSES, OPTIMIZERS, SCHEDULERS, SPLITTERS)}

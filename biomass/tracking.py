@@ -7,12 +7,11 @@ nested child run per stage and fold. Metric names are stable across runs: `train
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from biomass.config import flatten
+from biomass.config.load import flatten
 
 _MAX_PARAM = 6000  # MLflow's limit on a param value
 
@@ -105,6 +104,3 @@ def scatter_plot(y_true, y_pred, names, path: Path, title: str) -> Path:
     plt.close(fig)
     return path
 
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI", "(MLflow default)")

@@ -6,9 +6,7 @@ from pathlib import Path
 import pytest
 
 from biomass.data.synthetic import generate
-from biomass.registry import load_components
-
-load_components()  # parametrised tests list the registries at collection time
+import biomass.components  # noqa: F401  (parametrised tests list the registries at collection time)
 
 
 @pytest.fixture(scope="session")

@@ -100,27 +100,46 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def decode_into(out: np.ndarray, reader: Reader, workers: int | None = None) -> None:
+    """out[i] = reader(i) for every i, on a thread pool (OpenCV releases the GIL while it decodes)."""
+    def one(i: int) -> None:
+        img = reader(i)
+        if img.shape != out.shape[1:]:
+            raise RuntimeError(f"decoded image {i} has shape {img.shape}, expected {out.shape[1:]}")
+        out[i] = img
+
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(one, range(out.shape[0])))
+
+
 def fill(path: Path, reader: Reader, shape: tuple[int, int, int, int], workers: int | None = None) -> None:
     """Decode every image with `reader` into a new `.npy` at `path` (temp name, then an atomic rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-
-        def one(i: int) -> None:
-            img = reader(i)
-            if img.shape != shape[1:]:
-                raise RuntimeError(f"decoded-image cache: image {i} has shape {img.shape}, expected {shape[1:]}")
-            out[i] = img
-
-        with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-            list(pool.map(one, range(shape[0])))
+        decode_into(out, reader, workers)
         out.flush()
         del out
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+class MemoryReader:
+    """Every image decoded once into memory (inference passes each image through every fold model)."""
+
+    def __init__(self, reader: Reader, n: int, workers: int | None = None):
+        first = reader(0)
+        self.array = np.empty((n, *first.shape), dtype=np.uint8)
+        decode_into(self.array, reader, workers)
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    def __call__(self, i: int) -> np.ndarray:
+        return np.array(self.array[int(i)])
 
 
 class CachedReader:

@@ -159,8 +159,8 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, reader: Reader, n: int, tabular: np.ndarray, targets: np.ndarray | None,
-                 augment: A.Compose, seed: int, layout: str = "whole"):
-        self.reader, self.n, self.augment, self.seed, self.layout = reader, n, augment, seed, layout
+                 augment: A.Compose, seed: int):
+        self.reader, self.n, self.augment, self.seed = reader, n, augment, seed
         self.tabular = torch.as_tensor(np.asarray(tabular, dtype=np.float32))
         self.targets = None if targets is None else torch.as_tensor(np.asarray(targets, dtype=np.float32))
 

@@ -1,10 +1,42 @@
-"""Per-fold standardisation of targets and tabular inputs, stored as plain arrays (JSON), never pickles."""
+"""Per-fold standardisation of targets and tabular inputs, stored as plain arrays (JSON), never pickles.
+
+One implementation serves numpy arrays (training, CV) and torch tensors (the model's target space, inference):
+`standardise` and `unstandardise` pick the array library from their input.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 from sklearn.preprocessing import StandardScaler
+
+
+def _like(values: Any, a: Any) -> Any:
+    if isinstance(values, torch.Tensor):
+        return torch.as_tensor(a, dtype=values.dtype if values.is_floating_point() else torch.float32,
+                               device=values.device)
+    return np.asarray(a, dtype=np.float64)
+
+
+def standardise(values: Any, mean: Any, scale: Any, log1p: bool) -> Any:
+    """(f(x) - mean) / scale, f = log1p or identity; numpy in, numpy out; tensor in, tensor out."""
+    if isinstance(values, torch.Tensor):
+        x = torch.log1p(values) if log1p else values
+    else:
+        x = np.log1p(values) if log1p else np.asarray(values, dtype=np.float64)
+    return (x - _like(x, mean)) / _like(x, scale)
+
+
+def unstandardise(values: Any, mean: Any, scale: Any, log1p: bool) -> Any:
+    """The inverse of `standardise`."""
+    if not isinstance(values, torch.Tensor):
+        values = np.asarray(values, dtype=np.float64)
+    x = values * _like(values, scale) + _like(values, mean)
+    if log1p:
+        return torch.expm1(x) if isinstance(x, torch.Tensor) else np.expm1(x)
+    return x
 
 
 @dataclass(frozen=True)
@@ -21,13 +53,11 @@ class Scaler:
         sk = StandardScaler().fit(x)  # population std (ddof=0), as the seed's StandardScaler
         return cls(sk.mean_.astype(np.float64), sk.scale_.astype(np.float64), log1p)
 
-    def transform(self, values: np.ndarray) -> np.ndarray:
-        x = np.log1p(values) if self.log1p else np.asarray(values, dtype=np.float64)
-        return (x - self.mean) / self.scale
+    def transform(self, values: Any) -> Any:
+        return standardise(values, self.mean, self.scale, self.log1p)
 
-    def inverse(self, values: np.ndarray) -> np.ndarray:
-        x = np.asarray(values, dtype=np.float64) * self.scale + self.mean
-        return np.expm1(x) if self.log1p else x
+    def inverse(self, values: Any) -> Any:
+        return unstandardise(values, self.mean, self.scale, self.log1p)
 
     def to_dict(self) -> dict[str, object]:
         return {"mean": self.mean.tolist(), "scale": self.scale.tolist(), "log1p": self.log1p}

@@ -2,12 +2,11 @@
 
 A backbone maps a normalised image batch (B, 3, H, W) to tokens (B, N, C): ViTs give their prefix tokens (CLS,
 registers) then the patch grid; CNNs give their last feature map flattened to a grid with no prefix. `FeatureSpec`
-tells poolings how to read them.
+(models.spec) tells poolings how to read them.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -15,18 +14,11 @@ import torch
 from torch import nn
 
 from biomass.errors import ConfigError
+from biomass.models.spec import FeatureSpec
 from biomass.registry import BACKBONES
 
 # Key prefixes that training wrappers put in front of a timm state dict (DDP, Lightning, our own fold models).
 _WRAPPER_PREFIXES = ("module.", "model.", "backbone.model.", "backbone.", "encoder.", "_orig_mod.")
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    dim: int  # channels per token
-    num_prefix_tokens: int  # CLS + register tokens ahead of the patch grid
-    patch_size: int  # pixels per token side (the stride, for CNNs)
-    grid: tuple[int, int]  # patch-grid rows and columns for the configured image size
 
 
 class _NoGrad:

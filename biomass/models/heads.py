@@ -1,4 +1,7 @@
-"""Heads (registry `head`): pooled image features (+ tabular inputs) -> one output per target (standardised)."""
+"""Heads (registry `head`): pooled image features (+ tabular inputs) -> one output per target (standardised).
+
+Builders take (in_features, n_tabular, n_outputs, target_space) as runtime context; `target_space` is the model's
+TargetSpace (the fold's scaler as buffers), which a head that works in grams (`consistent`) needs."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -41,9 +44,9 @@ class FusionHead(nn.Module):
 
 
 @HEADS.register("fusion")
-def fusion(in_features: int, n_tabular: int, n_outputs: int, /, *, tabular_dims: tuple[int, ...] = (64, 128),
-           tabular_dropout: tuple[float, ...] = (0.3, 0.3), fusion_dims: tuple[int, ...] = (512, 256),
-           fusion_dropout: tuple[float, ...] = (0.4, 0.3)) -> nn.Module:
+def fusion(in_features: int, n_tabular: int, n_outputs: int, target_space: nn.Module, /, *,
+           tabular_dims: tuple[int, ...] = (64, 128), tabular_dropout: tuple[float, ...] = (0.3, 0.3),
+           fusion_dims: tuple[int, ...] = (512, 256), fusion_dropout: tuple[float, ...] = (0.4, 0.3)) -> nn.Module:
     """The seed's multi-modal head: tabular 2->64->128, concat with image features, ->512->256, 5 linear outputs."""
     if not n_tabular:
         raise ConfigError("head `fusion` needs tabular inputs; this stage has none (use `image_only`)")
@@ -51,14 +54,14 @@ def fusion(in_features: int, n_tabular: int, n_outputs: int, /, *, tabular_dims:
 
 
 @HEADS.register("image_only")
-def image_only(in_features: int, n_tabular: int, n_outputs: int, /, *, fusion_dims: tuple[int, ...] = (512, 256),
-               fusion_dropout: tuple[float, ...] = (0.4, 0.3)) -> nn.Module:
+def image_only(in_features: int, n_tabular: int, n_outputs: int, target_space: nn.Module, /, *,
+               fusion_dims: tuple[int, ...] = (512, 256), fusion_dropout: tuple[float, ...] = (0.4, 0.3)) -> nn.Module:
     """The fusion MLP on image features alone (no NDVI/Height input), for ablations."""
     return FusionHead(in_features, 0, n_outputs, (), (), fusion_dims, fusion_dropout)
 
 
 @HEADS.register("aux_mlp")
-def aux_mlp(in_features: int, n_tabular: int, n_outputs: int, /, *, hidden: int = 256,
+def aux_mlp(in_features: int, n_tabular: int, n_outputs: int, target_space: nn.Module, /, *, hidden: int = 256,
             dropout: float = 0.0) -> nn.Module:
     """The seed's stage-2 head: Linear(->256), BatchNorm, ReLU, Linear(->outputs); image features only."""
     layers: list[nn.Module] = [nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
@@ -95,13 +98,13 @@ class ConsistentHead(nn.Module):
 
 
 @HEADS.register("consistent")
-def consistent(in_features: int, n_tabular: int, n_outputs: int, /, *, tabular_dims: tuple[int, ...] = (64, 128),
-               tabular_dropout: tuple[float, ...] = (0.3, 0.3), fusion_dims: tuple[int, ...] = (512, 256),
-               fusion_dropout: tuple[float, ...] = (0.4, 0.3), _target_space: nn.Module | None = None) -> nn.Module:
+def consistent(in_features: int, n_tabular: int, n_outputs: int, target_space: nn.Module, /, *,
+               tabular_dims: tuple[int, ...] = (64, 128), tabular_dropout: tuple[float, ...] = (0.3, 0.3),
+               fusion_dims: tuple[int, ...] = (512, 256), fusion_dropout: tuple[float, ...] = (0.4, 0.3)) -> nn.Module:
     """Fusion head that predicts Green, Dead, Clover (>= 0 g) and derives GDM and Total: mass balance by design."""
-    if n_outputs != 5 or _target_space is None:
+    if n_outputs != 5:
         raise ConfigError("head `consistent` predicts the five biomass targets; use it in the main stage with a "
                           "point loss (not quantile)")
     inner = FusionHead(in_features, n_tabular, 3, tabular_dims if n_tabular else (), tabular_dropout if n_tabular
                        else (), fusion_dims, fusion_dropout)
-    return ConsistentHead(inner, _target_space)
+    return ConsistentHead(inner, target_space)

@@ -1,20 +1,23 @@
-"""The assembled model: uint8 images (+ tabular) -> raw outputs in the fold's standardised target space."""
+"""The assembled model: uint8 images (+ tabular) -> raw outputs in the fold's standardised target space.
+
+Built from config by `engine.build.build_stage_model`; this module knows nothing of configs.
+"""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from biomass.config import StageConfig
-from biomass.data.scalers import Scaler
-from biomass.registry import BACKBONES, HEADS, POOLINGS
+from biomass.data.scalers import Scaler, standardise, unstandardise
 
 
 class TargetSpace(nn.Module):
     """The fold's target scaler and training range as buffers, so a checkpoint carries them.
 
-    Used by the `consistent` head (grams -> standardised) and the `scaled_sigmoid` output activation (bounded by
-    the standardised training range).
+    Used by `BiomassModel.predict` (standardised -> original units), the `consistent` head (grams ->
+    standardised) and the `scaled_sigmoid` output activation (bounded by the standardised training range).
     """
 
     def __init__(self, n: int):
@@ -33,17 +36,26 @@ class TargetSpace(nn.Module):
         self.gram_scale.copy_(t(np.maximum(grams.mean(axis=0), 1e-3)))
         self.log1p.fill_(scaler.log1p)
 
-    def to_standard(self, grams: torch.Tensor) -> torch.Tensor:
-        x = torch.log1p(grams) if bool(self.log1p) else grams
-        return (x - self.mean) / self.scale
+    def to_standard(self, values: torch.Tensor) -> torch.Tensor:
+        return standardise(values, self.mean, self.scale, bool(self.log1p))
+
+    def to_original(self, values: torch.Tensor) -> torch.Tensor:
+        return unstandardise(values, self.mean, self.scale, bool(self.log1p))
 
 
 class BiomassModel(nn.Module):
+    """backbone -> pooling (per view) -> head (+ tabular) -> optional output activation.
+
+    `point` picks the prediction from the raw outputs (the loss's choice: the median of quantile outputs, say), so
+    `predict` returns point predictions in original units.
+    """
+
     def __init__(self, backbone: nn.Module, pooling: nn.Module, head: nn.Module, target_space: TargetSpace,
-                 activation: str, pixel_mean, pixel_std, layout: str, views_merge: str):
+                 activation: str, pixel_mean, pixel_std, layout: str, views_merge: str,
+                 point: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
         self.backbone, self.pooling, self.head, self.target_space = backbone, pooling, head, target_space
-        self.activation, self.layout, self.views_merge = activation, layout, views_merge
+        self.activation, self.layout, self.views_merge, self.point = activation, layout, views_merge, point
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1) * 255, persistent=False)
 
@@ -66,26 +78,6 @@ class BiomassModel(nn.Module):
             out = (lo.repeat_interleave(k) + (hi - lo).repeat_interleave(k) * torch.sigmoid(out))
         return out
 
-
-def build_model(stage: StageConfig, n_targets: int, n_tabular: int, outputs_per_target: int = 1,
-                load_weights: bool = True) -> BiomassModel:
-    """Build a stage's model from its config. `load_weights=False` skips the backbone weights file (inference:
-    the fold checkpoint holds the whole model)."""
-    size = tuple(stage.image.size)
-    bb = dict(stage.model.backbone)
-    name = bb.pop("name")
-    if not load_weights:
-        bb.update(weights=None, pretrained=False)
-    backbone = BACKBONES.build(name, size, **bb)
-    pool_cfg = dict(stage.model.pooling)
-    pooling = POOLINGS.get(pool_cfg.pop("name"))(backbone.spec, **pool_cfg)
-    in_features = pooling.out_dim * (2 if stage.image.layout == "halves" and stage.model.views_merge == "concat"
-                                     else 1)
-    target_space = TargetSpace(n_targets)
-    head_cfg = dict(stage.model.head)
-    head_name = head_cfg.pop("name")
-    if head_name == "consistent":
-        head_cfg["_target_space"] = target_space
-    head = HEADS.get(head_name)(in_features, n_tabular, n_targets * outputs_per_target, **head_cfg)
-    return BiomassModel(backbone, pooling, head, target_space, stage.targets.activation, stage.image.mean,
-                        stage.image.std, stage.image.layout, stage.model.views_merge)
+    def predict(self, image: torch.Tensor, tabular: torch.Tensor) -> torch.Tensor:
+        """Point predictions in original units (grams, or NDVI and cm), float32."""
+        return self.target_space.to_original(self.point(self(image, tabular).float()))

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from biomass.errors import ConfigError
-from biomass.models.backbones import FeatureSpec
+from biomass.models.spec import FeatureSpec
 from biomass.registry import POOLINGS
 
 

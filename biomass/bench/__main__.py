@@ -1,0 +1,142 @@
+"""Benchmarks: `python -m biomass.bench {loader,train,infer,order,ridge} [options] [--json]`.
+
+- `loader`: images/s per core (one thread, in-process) on 2000x1000 JPEGs for four pipelines: `decode` (cv2.imread
+  alone, the limit), `seed` (the seed's order: full-resolution augmentation, A.Resize, float A.Normalize, ToTensorV2),
+  `biomass` (ImageDataset over the JPEG reader with gold's train augmentations, uint8 CHW out) and `cached` (the same
+  over the decoded-image cache, filled beforehand). Medians of interleaved repeats.
+- `train`: training img/s and peak memory of our engine's step (engine.train_one_epoch: uint8 input normalised in the
+  model, AdamW over trainable tensors, fused on CUDA, bf16 autocast and TF32 on CUDA, `--compile`: torch.compile)
+  against a plain fp32 PyTorch loop in the seed's style (float input normalised on the CPU, loss.item() every step),
+  each in its own process; MFU on CUDA; and the activations autograd keeps with and without the frozen prefix.
+- `infer`: images/s of the whole inference chain (`biomass.infer`) on a run directory.
+- `ridge`: an experiment (default the demo profile) trained on freshly rendered 2000x1000 data it has never seen,
+  its submission scored beside the colour-histogram ridge's on the same split (biomass.baselines.versus_ridge).
+- `order`: how far each augmentation is from commuting with the resize, and how the resize attenuates pixel noise.
+
+`--json` prints exactly one JSON object on stdout; everything else goes to stderr. See docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from biomass.bench.common import DEMO, emit, fmt, machine
+from biomass.errors import run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m biomass.bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("loader", help="loader images/s per core: decode, seed, biomass, cached")
+    p.add_argument("--data", type=Path, help="Kaggle-layout folder or folder of JPEGs (default: generate demo images)")
+    p.add_argument("--n", type=int, default=24, help="images (default 24)")
+    p.add_argument("--size", type=int, default=800, help="square output size (default 800, gold's)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-crop", action="store_true", help="ignore crops.csv (gold's main stage uses it)")
+    p.add_argument("--profile", action="store_true", help="also time each step alone (ms)")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("train", help="training step: ours vs the seed's fp32 loop; MFU on CUDA")
+    p.add_argument("--model", default="resnet18", help="timm model name (default resnet18)")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--freeze", type=float, default=0.5, help="freeze_fraction (default 0.5, gold's)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--precision", choices=["no", "bf16", "fp16"], help="ours (default: bf16 on CUDA, no on CPU)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="ours: torch.compile the prepared model (runtime.compile)")
+    p.add_argument("--peak-tflops", type=float, help="device peak (dense bf16) for MFU, overrides the table")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (and MFU)")
+    p.add_argument("--no-saved", action="store_true", help="skip the saved-activations check")
+    p.add_argument("--variant", choices=["ours", "seed", "saved"], help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("infer", help="images/s of biomass.infer on a run directory")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("order", help="augment-then-resize vs resize-then-augment; noise attenuation")
+    p.add_argument("--data", type=Path)
+    p.add_argument("--size", type=int, default=800)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("ridge", help="an experiment vs the colour-histogram ridge on unseen data")
+    p.add_argument("--experiment", type=Path, default=DEMO)
+    p.add_argument("--data", type=Path, help="Kaggle-layout folder with solution.csv (default: render a new one)")
+    p.add_argument("--n-train", type=int, default=96)
+    p.add_argument("--n-test", type=int, default=96)
+    p.add_argument("--seed", type=int, default=123, help="render seed (default 123: used nowhere else)")
+    p.add_argument("--width", type=int, default=2000)
+    p.add_argument("--height", type=int, default=1000)
+    p.add_argument("--work", type=Path, help="keep data, run and submissions here (default: a temporary folder)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for the experiment")
+    p.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.cmd == "loader":
+        from biomass.bench.loader import TARGETS, loader_bench
+
+        r = loader_bench(args.data, args.n, args.size, args.repeats, not args.no_crop, args.profile)
+        rows = [(k, f"{r[k]:.1f} img/s") for k in ("decode", "seed", "biomass", "cached")]
+        rows += [(f"{k} (target >= {v:g})", f"{r[k]:.2f} {'ok' if r['met'][k] else 'MISSED'}")
+                 for k, v in TARGETS.items()]
+        rows += [(f"profile: {k}", f"{v:.2f} ms") for k, v in r.get("profile_ms", {}).items()]
+        h, w = r["settings"]["source_hw"]
+        emit(r, args.json, f"loader, images/s per core ({r['settings']['n']} images {w}x{h} -> "
+                           f"{args.size}x{args.size})", rows)
+    elif args.cmd == "train":
+        from biomass.bench.training import train_bench, train_variant
+
+        if args.variant:
+            import json
+
+            sys.stdout.write(json.dumps(train_variant(args.variant, args), default=float) + "\n")
+            return 0
+        r = train_bench(args)
+        rows = [("ours img/s", fmt(r["ours_img_s"])), ("seed-style img/s", fmt(r["seed_img_s"])),
+                ("ours / seed", fmt(r["ours_vs_seed"])),
+                ("ours peak memory MB", fmt(r["ours_peak_memory_mb"])),
+                ("seed peak memory MB", fmt(r["seed_peak_memory_mb"])), ("memory measure", r["peak_memory_kind"])]
+        if "ours_mfu" in r:
+            rows += [("ours MFU", f"{r['ours_mfu']:.1%}"), ("seed MFU (vs bf16 peak)", f"{r['seed_mfu']:.1%}")]
+        if "saved_activations" in r:
+            s = r["saved_activations"]
+            rows += [(k, fmt(v)) for k, v in s.items() if k.startswith("saved_mb")]
+        emit(r, args.json, f"train step: {args.model} {args.size}px batch {args.batch} freeze {args.freeze}", rows)
+    elif args.cmd == "ridge":
+        from biomass.baselines import versus_ridge
+
+        with tempfile.TemporaryDirectory() as tmp:
+            work = args.work or Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            r = versus_ridge(args.experiment, work, args.data, args.n_train, args.n_test, args.seed, args.width,
+                             args.height, tuple(args.overrides))
+        r["settings"] = {"n_train": args.n_train, "n_test": args.n_test, "seed": args.seed,
+                         "size": [args.width, args.height], **machine()}
+        emit(r, args.json, "experiment vs colour-histogram ridge (test weighted R2)",
+             [(k, fmt(r[k])) for k in ("ridge", "model", "margin", "cv", "cv_deployable")]
+             + [(f"{k} s", fmt(v)) for k, v in r["seconds"].items()])
+    elif args.cmd == "infer":
+        from biomass.bench.inference import infer_bench
+
+        r = infer_bench(args.run_dir, args.data, args.batch_size, args.repeats)
+        emit(r, args.json, "inference chain", [(k, fmt(r[k])) for k in ("images_per_s", "seconds", "images",
+                                                                           "model_passes_per_image")])
+    else:
+        from biomass.bench.loader import order_bench
+
+        r = order_bench(args.data, args.size)
+        rows = []
+        for k, v in r.items():
+            rows.append((k, ", ".join(f"{a}={fmt(b)}" for a, b in v.items()) if isinstance(v, dict) else fmt(v)))
+        emit(r, args.json, "augmentation order", rows)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,157 @@
+"""The experiment schema: every knob of an experiment, one pydantic section per config section.
+
+This is the one-hop map of the config: a key here is a key in the YAML. Component nodes (`{name: ..., **kwargs}`)
+are typed by their registry; their arguments are checked against the builder's signature in `config.load`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+from biomass.constants import IMAGENET_MEAN, IMAGENET_STD
+from biomass.registry import BACKBONES, HEADS, LOSSES, OPTIMIZERS, POOLINGS, SCHEDULERS, SPLITTERS, Registry
+
+
+class RegistryRef:
+    """Marks a config field as a component node of one registry."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+
+def Component(registry: Registry) -> Any:  # noqa: N802 - reads like a type in the schema
+    return Annotated[dict[str, Any], RegistryRef(registry)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DemoData(Section):
+    """Generate the synthetic demo dataset into `data.root` when that (config-file) root does not exist."""
+
+    n_train: PositiveInt
+    n_test: PositiveInt
+    seed: int = 0
+    width: PositiveInt = 2000
+    height: PositiveInt = 1000
+
+
+class DataConfig(Section):
+    root: Path
+    train_csv: str = "train.csv"
+    test_csv: str = "test.csv"
+    crops: str | None = None  # CSV inside root: image_path,x0,y0,x1,y1 (pixel boxes of the original image)
+    check_images: Literal["decode", "header"] = "decode"
+    num_workers: int = Field(2, ge=0)
+    cache_dir: Path | None = None  # decoded-image cache: crop + resize once, memory-mapped uint8 (see BENCHMARKS)
+    demo: DemoData | None = None
+
+
+class ImageConfig(Section):
+    size: tuple[PositiveInt, PositiveInt]  # (height, width) fed to the backbone
+    crop: bool = False  # apply data.crops boxes before resizing
+    layout: Literal["whole", "halves"] = "whole"  # halves: left and right halves as two views (dual-image input)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+class AugmentConfig(Section):
+    """albumentations transforms by class name, applied to the resized uint8 image: `{name: HorizontalFlip, p: .5}`.
+
+    Resizing and normalisation are not listed: the loader always resizes to `image.size` first, and normalises with
+    `image.mean/std` on the device (see docs/BENCHMARKS.md for why the order is sound).
+    """
+
+    train: list[dict[str, Any]] = []
+    val: list[dict[str, Any]] = []
+
+
+class FoldsConfig(Section):
+    splitter: Component(SPLITTERS)
+    train_folds: list[int] | None = None  # train only these folds (None: all)
+
+
+class ModelConfig(Section):
+    backbone: Component(BACKBONES)
+    pooling: Component(POOLINGS)
+    head: Component(HEADS)
+    views_merge: Literal["concat", "mean"] = "concat"  # image.layout=halves: join the two views' features
+
+
+class TargetConfig(Section):
+    transform: Literal["standard", "log1p"] = "standard"  # log1p: log(1+y) then standardise
+    activation: Literal["none", "scaled_sigmoid"] = "none"  # scaled_sigmoid: bounded by the training range
+
+
+class TrainConfig(Section):
+    epochs: PositiveInt
+    batch_size: PositiveInt  # global: split across processes
+    eval_batch_size: PositiveInt | None = None  # None: 2 x batch_size
+    drop_last: bool = True
+    patience: PositiveInt | None = None  # early stopping, in epochs without improvement
+    select_by: Literal["val_score", "val_loss"] = "val_score"  # val_score: weighted R2 (main), mean R2 (aux)
+    # image: the validation loss over all images at once; batch: the mean of per-batch means (the seed's)
+    val_loss_mean: Literal["image", "batch"] = "image"
+    grad_clip: PositiveFloat | None = None
+    grad_accum: PositiveInt = 1
+
+
+class StageConfig(Section):
+    image: ImageConfig
+    augment: AugmentConfig
+    folds: FoldsConfig
+    model: ModelConfig
+    loss: Component(LOSSES)
+    targets: TargetConfig = TargetConfig()
+    optim: Component(OPTIMIZERS)
+    scheduler: Component(SCHEDULERS)
+    train: TrainConfig
+    init_from: Literal["main/fold0", "main/same_fold"] | None = None  # aux stage: start from a main checkpoint
+
+
+class InferConfig(Section):
+    """The aux->main chain's settings, read alike by the deployable CV and by `biomass.infer` (biomass.chain)."""
+
+    crop: Literal["none", "boxes"] = "none"  # boxes: frame each stage's images as it trained (data.crops boxes)
+    tta: list[Literal["none", "hflip", "vflip", "hvflip"]] = Field(["none", "hflip", "vflip"], min_length=1)
+    fold_weights: Literal["uniform", "cv"] | list[float] = "uniform"
+    mass_balance: bool = False  # project onto GDM = Green + Clover, Total = GDM + Dead
+    clip: bool = True  # clip predictions at 0 g (after the mass balance)
+    batch_size: PositiveInt = 8
+
+
+class TrackingConfig(Section):
+    mlflow: bool = True
+    experiment: str | None = None  # MLflow experiment name; None: the config's `name`
+
+
+class RuntimeConfig(Section):
+    tf32: bool = True
+    compile: bool = False
+
+
+class ExperimentConfig(Section):
+    name: str
+    seed: int = 0
+    data: DataConfig
+    main: StageConfig
+    aux: StageConfig | None = None
+    infer: InferConfig = InferConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    def dump(self) -> dict[str, Any]:
+        """Plain YAML-able dict (paths as strings, tuples as lists)."""
+        return plain(self.model_dump(mode="json"))
+
+
+def plain(obj: Any) -> Any:
+    """Tuples as lists, recursively: what YAML and JSON write."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj

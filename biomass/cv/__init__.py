@@ -1,0 +1,1 @@
+"""Cross-validated training of an experiment: stages x folds (`experiment`), and what a run reports (`outputs`)."""

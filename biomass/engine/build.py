@@ -1,0 +1,97 @@
+"""Config -> the objects one fold trains with: model + loss, data loaders, optimizer, scheduler.
+
+Each component node is built by one call, `Registry.build_node(node, *context)`; runtime context (image size,
+feature spec, dims, epochs, device) is passed positionally, config values as keywords.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from biomass.config.schema import StageConfig
+from biomass.data.images import EpochSampler, ImageDataset, Reader, build_augment
+from biomass.errors import ConfigError
+from biomass.models.model import BiomassModel, TargetSpace
+from biomass.registry import BACKBONES, HEADS, LOSSES, OPTIMIZERS, POOLINGS, SCHEDULERS
+from biomass.stages import Stage
+
+
+def build_stage_model(stage: Stage, cfg: StageConfig, load_weights: bool = True
+                      ) -> tuple[BiomassModel, torch.nn.Module]:
+    """A stage's model and loss: the loss decides how many raw outputs each target gets (quantiles: several) and
+    which one is the prediction. `load_weights=False` skips the backbone weights file (a fold checkpoint holds the
+    whole model; the meta-device dry run reads no data)."""
+    n_targets = len(stage.targets)
+    loss = LOSSES.build_node(cfg.loss, n_targets)
+    size = tuple(cfg.image.size)
+    backbone_node = dict(cfg.model.backbone)
+    if not load_weights:
+        backbone_node.update(weights=None, pretrained=False)
+    backbone = BACKBONES.build_node(backbone_node, size)
+    pooling = POOLINGS.build_node(cfg.model.pooling, backbone.spec)
+    views = 2 if cfg.image.layout == "halves" and cfg.model.views_merge == "concat" else 1
+    target_space = TargetSpace(n_targets)
+    head = HEADS.build_node(cfg.model.head, pooling.out_dim * views, len(stage.inputs),
+                            n_targets * loss.outputs_per_target, target_space)
+    model = BiomassModel(backbone, pooling, head, target_space, cfg.targets.activation, cfg.image.mean,
+                         cfg.image.std, cfg.image.layout, cfg.model.views_merge, loss.point)
+    return model, loss
+
+
+def per_process_batch(global_batch: int, num_processes: int, key: str) -> int:
+    """`train.batch_size` is the global batch: N processes take batch/N each, so the optimisation (steps, images
+    per step, learning rate) is the same whatever the process count."""
+    if global_batch % num_processes:
+        raise ConfigError(f"{key}={global_batch} is the global batch and must divide among {num_processes} processes")
+    return global_batch // num_processes
+
+
+def eval_batch_size(cfg: StageConfig, num_processes: int) -> int:
+    """Evaluation batches only bound memory: round up instead of insisting on divisibility."""
+    return max(1, -(-(cfg.train.eval_batch_size or 2 * cfg.train.batch_size) // num_processes))
+
+
+def make_loader(reader: Reader, index: np.ndarray, tabular: np.ndarray, targets: np.ndarray | None,
+                cfg: StageConfig, seed: int, train: bool, num_workers: int, num_processes: int = 1,
+                batch_size: int | None = None) -> DataLoader:
+    """Images `index` of the reader's list; `tabular` and `targets` are indexed by the same numbers."""
+    augment = build_augment(cfg.augment.train if train else cfg.augment.val)
+    dataset = ImageDataset(lambda i: reader(int(index[i])), len(index), tabular[index],
+                           None if targets is None else targets[index], augment, seed)
+    if batch_size is None:
+        batch_size = (per_process_batch(cfg.train.batch_size, num_processes, "train.batch_size") if train
+                      else eval_batch_size(cfg, num_processes))
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(index), seed, shuffle=train),
+                      drop_last=train and cfg.train.drop_last and len(index) > batch_size, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: StageConfig, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen tensors get no optimizer state
+    return OPTIMIZERS.build_node(cfg.optim, params, device)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: StageConfig):
+    return SCHEDULERS.build_node(cfg.scheduler, optimizer, cfg.train.epochs)
+
+
+def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """`runtime.compile`: torch.compile the model accelerate prepared, i.e. after any DDP wrap, where accelerate's
+    own dynamo plugin compiles; a model accelerate compiled already (its dynamo config) is returned as it is.
+
+    Not the plugin itself: it lives in accelerate's process-wide state, fixed by the first Accelerator, so it could
+    not follow one experiment's config when several run in a process. Checkpoints are written from
+    `unwrap(accelerator, model)`, the plain module, so their keys carry no `_orig_mod.` prefix.
+    """
+    from accelerate.utils import is_compiled_module
+
+    if not enabled or is_compiled_module(model):
+        return model
+    return torch.compile(model)
+
+
+def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers: its state_dict keys are the model's own."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)

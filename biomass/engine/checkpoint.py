@@ -1,0 +1,106 @@
+"""Checkpoint I/O: the best epoch's weights + metadata, and the resumable per-epoch training state.
+
+safetensors + JSON, no pickles; every file is written to a temp name and renamed, so a kill leaves the previous
+version whole. Where the files live is the RunDir's business (biomass.rundir); this module reads and writes them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from biomass.errors import BiomassError
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str = "file") -> dict[str, Any]:
+    """A JSON object from `path`; a missing, truncated or foreign file is one error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise BiomassError(f"{path}: {what} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BiomassError(f"{path}: {what} is not valid JSON (truncated or corrupt: {err}); "
+                           "retrain or restore it") from None
+    if not isinstance(data, dict):
+        raise BiomassError(f"{path}: {what} is not a JSON object; it was not written by biomass")
+    return data
+
+
+def save_checkpoint(model: torch.nn.Module, path: Path, meta: dict[str, Any]) -> None:
+    """safetensors weights + JSON metadata (scalers, epoch, scores), each written to a temp name then renamed."""
+    from safetensors.torch import save_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.safetensors")
+    save_model(model, str(tmp))  # handles the consistent head's shared buffers
+    os.replace(tmp, path)
+    write_json(path.with_suffix(".json"), meta)
+
+
+def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    """Load a fold checkpoint into a model built from the run's config; a file that does not fit is one error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    try:
+        load_model(model, str(path))
+    except (RuntimeError, SafetensorError, OSError) as err:
+        raise BiomassError(f"{path}: does not fit the run's config.yaml or is corrupt "
+                           f"({str(err).splitlines()[0][:200]})") from None
+
+
+def backbone_state(path: Path) -> dict[str, torch.Tensor]:
+    """The backbone tensors of a fold checkpoint (the aux stage's initialisation)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise BiomassError(f"{path}: cannot be read ({str(err)[:200]})") from None
+    return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+
+
+def save_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+               progress: dict[str, Any]) -> None:
+    """Model, optimizer and scheduler state plus training progress: safetensors + JSON, no pickles. The JSON is
+    written last, so a state whose JSON exists is complete (a kill mid-save leaves the previous epoch's JSON)."""
+    from safetensors.torch import save_file, save_model
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    epoch = progress["epoch"]
+    save_model(model, str(state_dir / f"model-{epoch}.safetensors"))
+    opt = optimizer.state_dict()
+    tensors = {f"{pid}.{name}": value.detach().cpu().contiguous() for pid, st in opt["state"].items()
+               for name, value in st.items() if isinstance(value, torch.Tensor)}
+    save_file(tensors, str(state_dir / f"optimizer-{epoch}.safetensors"))
+    meta = {"param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(), "progress": progress}
+    write_json(state_dir / "progress.json", meta)
+    for old in state_dir.glob("*.safetensors"):  # keep only the epoch the JSON points to
+        if not old.stem.endswith(f"-{epoch}"):
+            old.unlink(missing_ok=True)
+
+
+def load_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
+    from safetensors.torch import load_file, load_model
+
+    meta = read_json(state_dir / "progress.json", "saved training state")
+    epoch = meta["progress"]["epoch"]
+    load_model(model, str(state_dir / f"model-{epoch}.safetensors"), device=str(next(model.parameters()).device))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(state_dir / f"optimizer-{epoch}.safetensors")).items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    return meta["progress"]

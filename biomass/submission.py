@@ -1,0 +1,82 @@
+"""Test-time inference: a completed run directory + Kaggle's test images -> submission.csv, through the chain.
+
+The run directory is self-contained (config.yaml, fold checkpoints with their scalers): copy it to an offline
+machine and run this there; the backbone weights file is not needed. With N processes each scores a shard of the
+images (accelerate's split) and the predictions are gathered, so the file matches the single-process one.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from biomass.chain import every_fold, fold_weights, needs_boxes, run_chain
+from biomass.constants import TARGETS
+from biomass.data.source import load_test_images
+from biomass.errors import BiomassError
+from biomass.rundir import RunDir
+from biomass.stages import AUX, MAIN
+from biomass.ui import Progress, progress_enabled
+
+
+def check_output(out: Path) -> Path:
+    """`--out` must name a file in a writable folder: found before any model runs."""
+    out = Path(out).resolve()
+    if out.is_dir():
+        raise BiomassError(f"--out {out} is a folder; name the submission file, e.g. {out / 'submission.csv'}")
+    folder = out.parent
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise BiomassError(f"--out {out}: cannot write into {probe} (read-only or no permission)")
+    return out
+
+
+def write_submission(run_dir: Path, data_dir: Path, out: Path, batch_size: int | None = None,
+                     main_folds: list[int] | None = None, aux_folds: list[int] | None = None) -> pd.DataFrame:
+    """Predict every test image with every fold model (or the folds given) and write Kaggle's submission CSV."""
+    from accelerate import Accelerator
+
+    run = RunDir(run_dir)
+    cfg = run.completed()
+    out = check_output(out)
+    if batch_size is not None and batch_size < 1:
+        raise BiomassError(f"--batch-size must be at least 1, got {batch_size}")
+    rows, images = load_test_images(cfg, Path(data_dir), needs_boxes(cfg))
+    main_folds = main_folds if main_folds is not None else run.trained_folds(MAIN, cfg.main)
+    aux_folds = aux_folds if aux_folds is not None else (run.trained_folds(AUX, cfg.aux) if cfg.aux else [])
+    weights = fold_weights(cfg, run, main_folds) if len(main_folds) == len(run.trained_folds(MAIN, cfg.main)) \
+        else {k: 1.0 / len(main_folds) for k in main_folds}
+
+    accelerator = Accelerator()
+    start = time.time()
+    with Progress(progress_enabled() and accelerator.is_main_process) as progress:
+        task = progress.task("fold models", len(main_folds) + len(aux_folds))
+        pred, _ = run_chain(accelerator, run, cfg, images, every_fold(aux_folds, len(images)) if cfg.aux else None,
+                            every_fold(main_folds, len(images)), weights, in_memory=True, batch_size=batch_size,
+                            progress=lambda: progress.advance(task))
+    seconds = time.time() - start
+    if not np.isfinite(pred).all():
+        bad = int(np.flatnonzero(~np.isfinite(pred).all(axis=1))[0])
+        raise BiomassError(f"inference produced a non-finite prediction for test image {images.image_paths[bad]!r}; "
+                           "no submission written (check the run's fold checkpoints and infer settings)")
+    by_image = dict(zip(images.image_paths, pred))
+    col = {t: j for j, t in enumerate(TARGETS)}
+    submission = pd.DataFrame({"sample_id": rows["sample_id"].to_numpy(),
+                               "target": [by_image[p][col[t]] for p, t in zip(rows["image_path"],
+                                                                               rows["target_name"])]})
+    if accelerator.is_main_process:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        submission.to_csv(tmp, index=False, float_format="%.6f")
+        os.replace(tmp, out)
+        n_models = len(main_folds) * len(cfg.infer.tta) + len(aux_folds)
+        accelerator.print(f"{len(images)} images x {n_models} model passes in {seconds:.1f} s "
+                          f"({len(images) / max(seconds, 1e-9):.2f} images/s on {accelerator.num_processes} "
+                          f"process(es)) -> {out}")
+    accelerator.end_training()
+    return submission

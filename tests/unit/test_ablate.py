@@ -1,0 +1,430 @@
+"""The ablation harness: every ablations/*.yaml resolves, stays within its knobs and builds; bad files are refused;
+a tiny ablation trains end to end under MLflow (sqlite by default, a real `mlflow server` in the slow test)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from biomass.ablate.__main__ import main
+from biomass.ablate.report import RunResult, summarise
+from biomass.ablate.runner import _error_line, write_config
+from biomass.ablate.spec import BASELINE, in_knobs, load_ablation
+from biomass.config.load import load_experiment
+from biomass.errors import run_cli
+
+REPO = Path(__file__).resolve().parents[2]
+GOLD = REPO / "experiments" / "gold.yaml"
+DEMO = REPO / "experiments" / "demo.yaml"
+ABLATIONS = sorted((REPO / "ablations").glob("*.yaml"))
+REQUIRED = {"losses", "log_targets", "scaled_sigmoid", "image_size", "dual_image", "pooling", "leaderboard_chain",
+            "folds"}
+TINY = ["main.image.size=[32,32]", "aux.image.size=[32,32]", "main.train.epochs=1", "aux.train.epochs=1",
+        "main.train.batch_size=4", "aux.train.batch_size=4", "data.num_workers=0",
+        "main.model.backbone.model_name=resnet10t", "aux.model.backbone.model_name=resnet10t"]
+BASES = {"own_base": None, "demo_base": DEMO}
+
+
+def ids(path: Path) -> str:
+    return path.stem
+
+
+def test_the_writeup_ablations_exist():
+    assert REQUIRED <= {p.stem for p in ABLATIONS}
+    for path in ABLATIONS:
+        text = path.read_text()
+        assert text.startswith("#"), f"{path.name}: start with a comment saying what the writeup claimed"
+        raw = yaml.safe_load(text)
+        assert raw["name"] == path.stem and raw.get("claim")
+        assert (path.parent / raw["base"]).resolve() == GOLD
+
+
+@pytest.mark.parametrize("base", BASES.values(), ids=BASES.keys())
+@pytest.mark.parametrize("path", ABLATIONS, ids=ids)
+def test_every_variant_resolves_within_its_knobs(path, base, tmp_path):
+    ablation = load_ablation(path, base)
+    assert ablation.base == (base or GOLD).resolve()
+    assert ablation.variants[0].name == BASELINE and not ablation.variants[0].changes
+    assert len(ablation.variants) >= 2
+    for v in ablation.variants:
+        assert v.config.tracking.experiment == ablation.name  # parent and children share one MLflow experiment
+        assert all(in_knobs(k, ablation.knobs) for k in v.changes), v.name
+        if v.name != BASELINE:
+            assert v.changes, f"{v.name} is identical to the baseline"
+        # the written config is complete and absolute: biomass.run reads back exactly the same config
+        written = write_config(v.config, v.config.seed + 1, tmp_path / f"{v.name}.yaml")
+        again = load_experiment(written).config.dump()
+        assert again == {**v.config.dump(), "seed": v.config.seed + 1}
+
+
+_BUILT: dict[str, tuple[int, ...]] = {}
+
+
+def _build_and_forward(stage_name: str, stage, meta: bool) -> tuple[int, ...]:
+    """Build a stage's model (and loss) as training does and push a batch of two through it; one build per
+    distinct model (losses with one output per target share the baseline's)."""
+    import torch
+
+    from biomass.engine.build import build_stage_model
+    from biomass.registry import LOSSES
+    from biomass.stages import by_name
+
+    st = by_name(stage_name)
+    n_targets, n_tabular = len(st.targets), len(st.inputs)
+    loss = LOSSES.build_node(stage.loss, n_targets)
+    key = json.dumps([meta, stage_name, stage.image.size, stage.image.layout, stage.model.model_dump(mode="json"),
+                      stage.targets.activation, loss.outputs_per_target], sort_keys=True, default=str)
+    if key not in _BUILT:
+        h, w = stage.image.size
+        w *= 2 if stage.image.layout == "halves" else 1
+        with torch.device("meta" if meta else "cpu"), torch.no_grad():
+            model, _ = build_stage_model(st, stage, load_weights=not meta)
+            model.eval()
+            out = model(torch.zeros(2, 3, h, w, dtype=torch.uint8), torch.zeros(2, n_tabular))
+        _BUILT[key] = tuple(out.shape)
+    shape = _BUILT[key]
+    assert shape == (2, n_targets * loss.outputs_per_target), (stage_name, shape)
+    return shape
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=ids)
+def test_every_variant_builds_on_demo(path):
+    """Real CPU models on the demo base at a tiny size; a variant that sets a large size (image_size.yaml) keeps it,
+    and is pushed through on the meta device (shapes only) to stay fast."""
+    ablation = load_ablation(path, DEMO, ["main.image.size=[64,64]", "aux.image.size=[64,64]",
+                                          "main.model.backbone.model_name=resnet10t",
+                                          "aux.model.backbone.model_name=resnet10t"])
+    for v in ablation.variants:
+        for stage_name in ("main", "aux"):
+            stage = getattr(v.config, stage_name)
+            if stage is not None:
+                _build_and_forward(stage_name, stage, meta=max(stage.image.size) > 256)
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=ids)
+def test_every_variant_builds_on_gold_without_memory(path):
+    """The real ViT-H+ of gold on the meta device: shapes only, no weights file, no memory, well under a second."""
+    ablation = load_ablation(path)
+    for v in ablation.variants:
+        _build_and_forward("main", v.config.main, meta=True)
+        if v.config.aux is not None:
+            _build_and_forward("aux", v.config.aux, meta=True)
+
+
+@pytest.mark.parametrize("base", BASES.values(), ids=BASES.keys())
+def test_dry_run_shows_only_knob_keys(base, capsys):
+    argv = [str(p) for p in ABLATIONS] + (["--base", str(base)] if base else []) + ["--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    knobs: list[str] = []
+    seen: dict[str, set[str]] = {}
+    ablation = variant = None
+    for line in out.splitlines():
+        if line.startswith("ablation "):
+            ablation = line.split()[1]
+            knobs = line.split("; knobs ", 1)[1].split(", ")
+            seen[ablation] = set()
+        elif line.startswith("  ") and not line.startswith("    ") and line.rstrip().endswith(":"):
+            variant = line.strip()[:-1]
+            seen[ablation].add(variant)
+        elif line.startswith("    ") and " -> " in line:
+            key = line.strip().split(": ", 1)[0]
+            assert in_knobs(key, knobs), f"{ablation}/{variant}: {key} is outside {knobs}"
+    assert set(seen) == {p.stem for p in ABLATIONS}
+    assert seen["losses"] == {"mse", "quantile", "log_cosh", "r2"}
+    assert "aux: {...} -> null" in out  # leaderboard_chain drops the whole aux section, shown once
+    assert "nothing trained" in out
+
+
+def test_cli_dry_run_of_the_demo_rebase():
+    proc = subprocess.run([sys.executable, "-m", "biomass.ablate", "ablations/losses.yaml", "--base",
+                           "experiments/demo.yaml", "--dry-run"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert 'main.loss.name: "weighted_smooth_l1" -> "quantile"' in proc.stdout
+    assert str(DEMO) in proc.stdout
+
+
+def _write(tmp_path: Path, body: dict) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "base": str(DEMO), **body}))
+    return path
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"knobs": ["main.loss"], "variants": {"sneaky": {"main.loss": {"name": "mse"}, "main.train.epochs": 3}}},
+     ["'sneaky'", "'main.train.epochs'", "outside its knobs"]),
+    # a component renamed through a knob is replaced whole; its stage's other keys must not move
+    ({"knobs": ["main.model.pooling"], "variants": {"gem": {"main.model.pooling.name": "gem",
+                                                            "aux.model.pooling.name": "gem"}}},
+     ["'gem'", "'aux.model.pooling.name'"]),
+    ({"knobs": ["main.loss"], "variants": {"typo": {"main.loss.nmae": "mse"}}}, ["'typo'", "main.loss.nmae"]),
+    ({"knobs": ["main.los"], "variants": {"mse": {"main.loss": {"name": "mse"}}}}, ["'mse'", "main.loss.name"]),
+    ({"knobs": ["main.loss", "main.lss"], "variants": {"mse": {"main.loss": {"name": "mse"}}}},
+     ["knob 'main.lss'", "did you mean"]),
+    ({"knobs": ["main.loss"], "variants": {"baseline": {"main.loss": {"name": "mse"}}}}, ["'baseline'"]),
+    ({"knobs": ["main.loss"], "variants": {"empty": {}}}, ["'empty'", "non-empty"]),
+    ({"knobs": ["main.loss"], "variant": {}}, ["'variant'", "did you mean 'variants'"]),
+])
+def test_bad_ablations_are_refused_in_one_line(tmp_path, capsys, body, words):
+    path = _write(tmp_path, body)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [str(path), "--dry-run"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_a_missing_data_root_is_refused_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [str(REPO / "ablations" / "pooling.yaml"), "--base", str(DEMO),
+                       f"data.root={tmp_path / 'missing'}", "--runs-dir", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2
+    assert "data.root" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_overrides_apply_everywhere_and_variants_keep_their_knob(tmp_path):
+    ablation = load_ablation(REPO / "ablations" / "image_size.yaml", DEMO, ["main.image.size=[64,64]", "seed=5",
+                                                                          "tracking.experiment=mine"])
+    sizes = {v.name: v.config.main.image.size for v in ablation.variants}
+    assert sizes["baseline"] == (64, 64) and sizes["main_1024"] == (1024, 1024)
+    assert {v.config.seed for v in ablation.variants} == {5}
+    assert {v.config.tracking.experiment for v in ablation.variants} == {"mine"}
+
+
+def test_summary_pairs_seeds_and_reports_failures():
+    ablation = load_ablation(REPO / "ablations" / "leaderboard_chain.yaml", DEMO)
+
+    def run(variant, seed, oracle, deployable=None, status="completed"):
+        metrics = {"cv/weighted_r2": oracle, **({"cv/weighted_r2_deployable": deployable} if deployable else {}),
+                   **{f"cv/{t}_r2": 0.5 for t in ("Dry_Green_g", "Dry_Dead_g", "Dry_Clover_g", "GDM_g",
+                                                  "Dry_Total_g")}}
+        return RunResult(variant, seed, Path(f"/x/{variant}-{seed}"), status=status, exit_code=0, duration_s=10.0,
+                         metrics=metrics if status == "completed" else {}, error=None if status == "completed"
+                         else "exit 1: boom")
+
+    results = [run("baseline", 0, 0.70, 0.60), run("baseline", 1, 0.72, 0.64),
+               run("crop_no_aux", 0, 0.71), run("crop_no_aux", 1, 0.75),
+               run("no_crop_no_aux", 0, 0.0, status="failed"), run("no_crop_no_aux", 1, 0.69)]
+    rows = {r["variant"]: r for r in summarise(ablation, results)}
+    base, crop, nocrop = rows["baseline"], rows["crop_no_aux"], rows["no_crop_no_aux"]
+    assert base["deployable"] == pytest.approx(0.62) and base["deployable_std"] == pytest.approx(0.0283, abs=1e-4)
+    assert base["ranked_by"] == "deployable" and crop["ranked_by"] == "oracle"
+    assert crop["deployable"] is None and crop["delta_deployable"] is None
+    # paired by seed: (0.71 - 0.70, 0.75 - 0.72) -> mean 0.02, std 0.0141
+    assert crop["delta_oracle"] == pytest.approx(0.02) and crop["delta_oracle_std"] == pytest.approx(0.01414, 1e-3)
+    assert nocrop["completed"] == 1 and nocrop["status"].startswith("1/2 completed") and "boom" in nocrop["status"]
+    assert nocrop["delta_oracle"] == pytest.approx(0.69 - 0.72) and nocrop["delta_oracle_std"] is None
+
+
+def test_error_line_skips_the_launchers_trailer():
+    stderr = ("Traceback (most recent call last):\n  File x\nValueError: the real cause\n"
+              "Traceback (most recent call last):\n  File y\n"
+              "subprocess.CalledProcessError: Command '[...]' returned non-zero exit status 1.\n")
+    assert _error_line(stderr) == "ValueError: the real cause"
+    assert _error_line("noise\nerror: config key 'x' is wrong\nTraceback\nsubprocess.CalledProcessError: x\n") \
+        == "config key 'x' is wrong"
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    from biomass.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("ablate") / "data", n_train=12, n_test=4, seed=0, width=128, height=64)
+
+
+def _ablate(args: list[str], uri: str, cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "CI": "1"}
+    return subprocess.run([sys.executable, "-m", "biomass.ablate", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _parent_and_children(uri: str, name: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("role") == "ablation"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return client, parent, children
+
+
+def _check_parent(client, parent, name: str, knobs: str) -> None:
+    tags = parent.data.tags
+    assert tags["ablation"] == name and tags["knobs"] == knobs and tags["base"] == str(DEMO)
+    assert tags.get("git.commit")
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"comparison.csv", "comparison.md", "deltas.png", "runs.csv"} <= artifacts
+    local = Path(client.download_artifacts(parent.info.run_id, "comparison.md"))
+    assert "| variant |" in local.read_text()
+
+
+def test_ablation_end_to_end_sqlite(tiny_data, tmp_path):
+    """Fast: main stage only (aux=null), a variant that completes and one that crashes; the crash is contained."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny", "claim": "end-to-end test", "base": str(DEMO),
+        "knobs": ["main.loss", "main.model.backbone.model_name"],
+        "variants": {"mse": {"main.loss": {"name": "mse"}},
+                     "broken": {"main.model.backbone.model_name": "no_such_timm_model"}}}))
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    proc = _ablate([str(path), "--runs-dir", str(tmp_path / "runs"), f"data.root={tiny_data}", *TINY, "aux=null",
+                    "main.folds.splitter.n_splits=2"], uri, tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # one run failed: the others still ran and reported
+    assert "no_such_timm_model" in proc.stdout and "1 run failed" in proc.stderr
+    (out_dir,) = (tmp_path / "runs" / "tiny").iterdir()
+    rows = {r["variant"]: r for r in json.loads((out_dir / "summary.json").read_text())["rows"]}
+    assert rows["baseline"]["status"] == rows["mse"]["status"] == "completed"
+    assert rows["broken"]["status"].startswith("failed") and "no_such_timm_model" in rows["broken"]["status"]
+    assert rows["mse"]["deployable"] is None and rows["mse"]["ranked_by"] == "oracle"
+    assert "no deployable CV" in (out_dir / "comparison.md").read_text()
+
+    client, parent, children = _parent_and_children(uri, "tiny")
+    assert parent.info.status == "FINISHED"
+    _check_parent(client, parent, "tiny", "main.loss, main.model.backbone.model_name")
+    assert parent.data.metrics["delta/mse/weighted_r2"] == pytest.approx(rows["mse"]["delta_oracle"])
+    by_variant = {c.data.tags["variant"]: c for c in children}
+    assert set(by_variant) == {"baseline", "mse", "broken"}
+    assert by_variant["broken"].info.status == "FAILED"
+    for name in ("baseline", "mse"):
+        child = by_variant[name]
+        assert child.info.status == "FINISHED" and child.data.tags["ablation"] == "tiny"
+        assert child.data.tags["seed"] == "0" and "cv/weighted_r2" in child.data.metrics
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                             "--default-artifact-root", str(tmp_path / "art")],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"mlflow server did not come up: {(tmp_path / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: the group this fixture started
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_ablation_end_to_end_mlflow_server(tiny_data, tmp_path, mlflow_server):
+    """Both stages, two variants and the baseline against a real tracking server, read back over REST."""
+    path = tmp_path / "tiny2.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny2", "base": str(DEMO), "knobs": ["main.loss", "main.targets"],
+        "variants": {"log_cosh": {"main.loss": {"name": "log_cosh"}},
+                     "log1p": {"main.targets.transform": "log1p"}}}))
+    proc = _ablate([str(path), "--runs-dir", str(tmp_path / "runs"), f"data.root={tiny_data}", *TINY,
+                    "main.folds.splitter.n_splits=2", "aux.folds.splitter.n_splits=2"], mlflow_server, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    client, parent, children = _parent_and_children(mlflow_server, "tiny2")
+    assert parent.info.status == "FINISHED"
+    _check_parent(client, parent, "tiny2", "main.loss, main.targets")
+    for variant in ("log_cosh", "log1p"):
+        for metric in ("weighted_r2", "weighted_r2_deployable"):
+            assert f"delta/{variant}/{metric}" in parent.data.metrics
+    assert sorted(c.data.tags["variant"] for c in children) == ["baseline", "log1p", "log_cosh"]
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags["ablation"] == "tiny2"
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"cv/weighted_r2", "cv/weighted_r2_deployable"} <= set(child.data.metrics)
+
+
+def test_runner_seeds_commands_and_parent_without_training(tmp_path, monkeypatch):
+    """The runner's loop with a stand-in for the training process: run names, commands, written configs, the
+    parent run's metrics and artifacts, mean ± std over seeds, and a parent marked FAILED when every run failed."""
+    import biomass.ablate.runner as ablate
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "fake.yaml"
+    path.write_text(yaml.safe_dump({"name": "fake", "base": str(DEMO), "knobs": ["main.loss"],
+                                    "variants": {"mse": {"main.loss": {"name": "mse"}}}}))
+    ablation = load_ablation(path, overrides=["seed=7"])
+    calls = []
+
+    def fake_run_one(result, cmd, log_dir, env, fail=False):
+        calls.append((result.run_dir.name, cmd, env))
+        score = {"baseline": 0.70, "mse": 0.65}[result.variant] + 0.01 * (result.seed - 7) ** 2
+        result.exit_code, result.duration_s = (1 if fail else 0), 2.0
+        if fail:
+            result.status, result.error = "failed", "exit 1: boom"
+        else:
+            result.status = "completed"
+            result.metrics = {"cv/weighted_r2": score, "cv/weighted_r2_deployable": score - 0.1,
+                              **{f"cv/{t}_r2": 0.5 for t in ("Dry_Green_g", "Dry_Dead_g", "Dry_Clover_g",
+                                                             "GDM_g", "Dry_Total_g")}}
+        return result
+
+    monkeypatch.setattr(ablate, "run_one", fake_run_one)
+    rows = ablate.run_ablation(ablation, seeds=2, runs_dir=tmp_path / "runs",
+                               launch_args=["--config_file", "accelerate_configs/cpu.yaml"])
+    assert [c[0] for c in calls] == ["baseline-seed7", "mse-seed7", "baseline-seed8", "mse-seed8"]
+    name, cmd, env = calls[3]
+    i = cmd.index("accelerate.commands.launch")
+    assert cmd[i + 1:i + 5] == ["--config_file", "accelerate_configs/cpu.yaml", "-m", "biomass.run"]
+    config_file = Path(cmd[i + 5])
+    written = yaml.safe_load(config_file.read_text())
+    assert written["seed"] == 8 and written["main"]["loss"]["name"] == "mse"
+    assert written["tracking"]["experiment"] == "fake" and env["MLFLOW_TRACKING_URI"] == uri
+    assert cmd[cmd.index("--run-dir") + 1].endswith("mse-seed8")
+    assert {"ablation=fake", "variant=mse", "seed=8"} <= {cmd[j + 1] for j, a in enumerate(cmd) if a == "--tag"}
+    mse = next(r for r in rows if r["variant"] == "mse")
+    assert mse["oracle"] == pytest.approx(0.655) and mse["oracle_std"] == pytest.approx(0.00707, 1e-3)
+    assert mse["delta_oracle"] == pytest.approx(-0.05) and mse["delta_oracle_std"] == pytest.approx(0.0)
+
+    client = MlflowClient(tracking_uri=uri)
+    parent_id = cmd[cmd.index("--parent-run-id") + 1]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["seeds"] == "2"
+    assert parent.data.metrics["delta/mse/weighted_r2_deployable"] == pytest.approx(-0.05)
+    assert "cv/mse/weighted_r2_std" in parent.data.metrics and "variant.mse" in parent.data.params
+    assert {"comparison.csv", "comparison.md", "deltas.png"} <= {a.path for a in client.list_artifacts(parent_id)}
+    assert "± " in (Path(parent.data.tags["runs_dir"]) / "comparison.md").read_text()
+
+    calls.clear()
+    monkeypatch.setattr(ablate, "run_one", lambda *a: fake_run_one(*a, fail=True))
+    rows = ablate.run_ablation(ablation, seeds=1, runs_dir=tmp_path / "runs")
+    assert all(r["status"].startswith("failed") for r in rows)
+    assert client.get_run(calls[0][1][calls[0][1].index("--parent-run-id") + 1]).info.status == "FAILED"

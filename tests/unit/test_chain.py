@@ -1,0 +1,140 @@
+"""The one aux->main chain: TTA views, fold weights, post-processing, the leak check, and the contract that the
+deployable CV is exactly what inference computes (fold k's validation images through fold k's models only)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from biomass.chain import ChainSettings, fold_weights, mass_balance, postprocess, views
+from biomass.config.load import load_experiment
+from biomass.constants import TARGETS
+from biomass.cv.outputs import chain_is_leaky
+from biomass.errors import ConfigError
+from biomass.rundir import RunDir
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "experiments" / "demo.yaml"
+TINY = ["main.image.size=[32,32]", "aux.image.size=[32,32]", "main.train.epochs=2", "aux.train.epochs=1",
+        "main.train.batch_size=4", "aux.train.batch_size=4", "data.num_workers=0", "tracking.mlflow=false"]
+
+
+def test_views_flip_the_right_axes():
+    x = torch.arange(2 * 3 * 2 * 4).view(2, 3, 2, 4)
+    out = dict(zip(["none", "hflip", "vflip", "hvflip"], views(x, ["none", "hflip", "vflip", "hvflip"])))
+    assert torch.equal(out["none"], x)
+    assert torch.equal(out["hflip"], x.flip(-1))
+    assert torch.equal(out["vflip"], x.flip(-2))
+    assert torch.equal(out["hvflip"], x.flip(-1).flip(-2))
+
+
+def test_mass_balance_projection():
+    rng = np.random.default_rng(0)
+    pred = rng.uniform(0, 50, size=(20, 5))
+    out = mass_balance(pred)
+    green, dead, clover, gdm, total = out.T
+    assert np.allclose(gdm, green + clover) and np.allclose(total, green + dead + clover)
+    balanced = out.copy()
+    assert np.allclose(mass_balance(balanced), balanced)  # a projection: balanced input is unchanged
+
+
+def test_postprocess_clips_after_the_mass_balance():
+    pred = np.array([[-1.0, 2.0, 3.0, 1.0, 4.0]])
+    settings = ChainSettings("none", ("none",), mass_balance=False, clip=True)
+    assert (postprocess(pred, settings) >= 0).all()
+    assert np.array_equal(postprocess(pred, ChainSettings("none", ("none",), False, False)), pred)
+    balanced = postprocess(pred, ChainSettings("none", ("none",), True, False))
+    assert np.allclose(balanced[:, 3], balanced[:, 0] + balanced[:, 2])
+
+
+def test_fold_weights(tmp_path):
+    cfg = load_experiment(DEMO).config
+    run = RunDir(tmp_path)
+    assert np.allclose(list(fold_weights(cfg, run, [0, 1, 2]).values()), [1 / 3] * 3)
+    cfg.infer.fold_weights = [2.0, 1.0, 1.0]
+    assert fold_weights(cfg, run, [0, 1, 2]) == {0: 0.5, 1: 0.25, 2: 0.25}
+    cfg.infer.fold_weights = [1.0, 1.0]
+    with pytest.raises(ConfigError, match="2 values for 3 main folds"):
+        fold_weights(cfg, run, [0, 1, 2])
+    cfg.infer.fold_weights = [0.0, 0.0, 0.0]
+    with pytest.raises(ConfigError, match="sum above 0"):
+        fold_weights(cfg, run, [0, 1, 2])
+    cfg.infer.fold_weights = "cv"
+    (tmp_path / "metrics.json").write_text(json.dumps(
+        {"folds": {"main": {"0": {"score": 0.6}, "1": {"score": 0.2}, "2": {"score": -0.1}}}}))
+    assert np.allclose(list(fold_weights(cfg, run, [0, 1, 2]).values()), [0.75, 0.25, 0.0])
+
+
+def test_gold_fold_weights_are_the_seeds():
+    cfg = load_experiment(REPO / "experiments/gold.yaml").config
+    assert cfg.infer.fold_weights == [0.2649, 0.1741, 0.1578, 0.2318, 0.1714]
+    assert cfg.infer.tta == ["none", "hflip", "vflip"]
+
+
+def test_leak_check():
+    gold = load_experiment(REPO / "experiments/gold.yaml").config
+    same = np.array([0, 1, 2, 0, 1, 2])
+    other = np.array([1, 0, 2, 2, 1, 0])
+    assert "fold-0" in chain_is_leaky(gold, same, other)  # the seed's chain: init from main/fold0
+    demo = load_experiment(REPO / "experiments/demo.yaml").config
+    assert demo.aux.init_from == "main/same_fold"
+    assert chain_is_leaky(demo, same, same) is None
+    assert "differ" in chain_is_leaky(demo, same, other)
+    demo.aux.init_from = None
+    assert chain_is_leaky(demo, same, other) is None
+
+
+# ------------------------------------------------------------------------------------------- CV == inference
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    from biomass.cv.experiment import train_experiment
+    from biomass.data.synthetic import generate
+
+    tmp = tmp_path_factory.mktemp("chain")
+    root = generate(tmp / "data", n_train=18, n_test=3, seed=5, width=128, height=64)
+    exp = load_experiment(DEMO, [*TINY, f"data.root={root}"])
+    run = train_experiment(exp, run_dir=tmp / "run")
+    return run, root
+
+
+@pytest.mark.parametrize("fold", [0, 2])
+def test_deployable_cv_is_what_inference_computes(tiny_run, tmp_path, fold):
+    """Inference on fold k's validation images with fold k's aux and main models only gives the deployable OOF
+    predictions for those images: the CV and the submission run one chain."""
+    from biomass.submission import write_submission
+
+    run, root = tiny_run
+    folds = pd.read_csv(run / "folds.csv")
+    assert (folds["main_fold"] == folds["aux_fold"]).all()  # the demo shares its splitter between the stages
+    paths = folds.loc[folds["main_fold"] == fold, "image_path"]
+    train = pd.read_csv(root / "train.csv")
+    test_csv = train[train["image_path"].isin(paths)][["sample_id", "image_path", "target_name"]]
+    data = tmp_path / "data"
+    data.mkdir()
+    test_csv.to_csv(data / "test.csv", index=False)
+    os.symlink(root / "train", data / "train")
+    sub = write_submission(run, data, tmp_path / "sub.csv", main_folds=[fold], aux_folds=[fold])
+    oof = pd.read_csv(run / "oof_deployable.csv").set_index("sample_id")["target"]
+    got = sub.set_index("sample_id")["target"]
+    assert len(got) == 5 * len(paths)
+    np.testing.assert_allclose(got.to_numpy(), oof.loc[got.index].to_numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_deployable_metric_scores_the_deployable_oof(tiny_run):
+    from biomass.metrics import weighted_r2
+
+    run, root = tiny_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    train = pd.read_csv(root / "train.csv").set_index("sample_id")["target"]
+    oof = pd.read_csv(run / "oof_deployable.csv").set_index("sample_id")["target"]
+    ids = sorted({s.rsplit("__", 1)[0] for s in oof.index})
+    keys = [f"{i}__{t}" for i in ids for t in TARGETS]
+    y = train.loc[keys].to_numpy().reshape(-1, 5)
+    p = oof.loc[keys].to_numpy().reshape(-1, 5)
+    assert metrics["cv/weighted_r2_deployable"] == pytest.approx(weighted_r2(y, p), abs=1e-5)
+    assert (p >= 0).all()  # the chain's post-processing (clip) ran in the CV too
