@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from biomass.data.augment import TRANSFORMS
 from biomass.errors import ConfigError, DataError, suggest
 
 Box = tuple[int, int, int, int]
@@ -73,10 +74,11 @@ def build_augment(specs: Sequence[dict[str, Any]], key: str = "augment") -> A.Co
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise ConfigError(f"config key {where!r}: expected a mapping with the albumentations class `name`")
         name = spec["name"]
-        cls = getattr(A, name, None)
+        cls = TRANSFORMS.get(name) or getattr(A, name, None)
         if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
             options = [n for n in dir(A) if isinstance(getattr(A, n), type) and issubclass(getattr(A, n),
                                                                                             A.BasicTransform)]
+            options += list(TRANSFORMS)
             raise ConfigError(f"config key '{where}.name': {name!r} is not an albumentations transform"
                               f"{suggest(name, options)}")
         if name in ("Resize", "Normalize", "ToTensorV2"):
