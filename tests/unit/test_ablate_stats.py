@@ -1,4 +1,4 @@
-"""biomass.ablate_stats: the paired image bootstrap of ablation deltas, the verdict rule, the OOF reader, the plot."""
+"""biomass.ablate.stats: the paired image bootstrap of ablation deltas, the verdict rule, the OOF reader, the plot."""
 from __future__ import annotations
 
 import time
@@ -7,14 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from biomass.ablate_stats import (
+from biomass.ablate.stats import (
     CONFIRMED, CONTRADICTED, UNRESOLVED, bootstrap_counts, compare_runs, forest_plot, load_oof,
     paired_bootstrap_delta, verdict,
 )
 from biomass.constants import TARGETS
 from biomass.errors import BiomassError
 from biomass.metrics import weighted_r2
-from biomass.run import long_format
+from biomass.cv.outputs import long_format
 
 
 def labels(n: int, rng: np.random.Generator) -> np.ndarray:
