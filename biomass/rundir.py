@@ -174,12 +174,15 @@ class RunDir:
         return folds_to_train(cfg, self.fold_ids(stage))
 
     # ----------------------------------------------------------------------------------------- checkpoints
+    def require_checkpoint(self, stage: Stage, fold: int) -> None:
+        for f in (self.checkpoint(stage, fold), self.checkpoint_meta(stage, fold)):
+            if not f.is_file():
+                raise BiomassError(f"{self.path}: {stage.name} fold {fold} checkpoint is missing "
+                                   f"({f.relative_to(self.path)})")
+
     def checkpoint_info(self, stage: Stage, fold: int) -> dict[str, Any]:
         """A fold checkpoint's metadata (scalers, epoch, scores), after checking both of its files exist."""
-        ckpt = self.checkpoint(stage, fold)
-        if not ckpt.is_file():
-            raise BiomassError(f"{self.path}: {stage.name} fold {fold} checkpoint is missing "
-                               f"({ckpt.relative_to(self.path)})")
+        self.require_checkpoint(stage, fold)
         meta = read_json(self.checkpoint_meta(stage, fold), f"{stage.name} fold {fold} checkpoint metadata")
         if "scalers" not in meta or "targets" not in meta["scalers"]:
             raise BiomassError(f"{self.checkpoint_meta(stage, fold)}: has no target scaler; the file is damaged")
@@ -198,9 +201,10 @@ class RunDir:
             raise BiomassError(f"{self.path} did not complete (status: {status.get('status')}); "
                                "finish or retrain it first")
         cfg = self.read_config()
-        for stage in configured(cfg):
-            for k in self.trained_folds(stage, stage.config(cfg)):
-                self.checkpoint_info(stage, k)
+        folds = {stage: self.trained_folds(stage, stage.config(cfg)) for stage in configured(cfg)}
+        for stage, ks in folds.items():  # every file present before any model is built (contents: when loaded)
+            for k in ks:
+                self.require_checkpoint(stage, k)
         return cfg
 
     def metrics(self) -> dict[str, Any]:

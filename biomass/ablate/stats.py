@@ -1,5 +1,7 @@
 """Confidence intervals for ablation deltas: a paired bootstrap over images of the competition metric.
 
+(Just over 350 lines: the OOF reader's checks and the vectorised bootstrap belong together; each is short.)
+
 An ablation compares a variant against the baseline by CV weighted R² (`biomass.metrics.weighted_r2`). The mean ± std
 over seeds says nothing about how much of a delta is luck in which images were available; this module answers that
 from the out-of-fold predictions each run leaves behind (`oof.csv`, `oof_deployable.csv`):

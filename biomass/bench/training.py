@@ -117,7 +117,7 @@ def train_variant(variant: str, args) -> dict[str, Any]:
         model.pixel_std.fill_(1.0)
         model.to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=stage.optim.lr, weight_decay=stage.optim.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=stage.optim["lr"], weight_decay=stage.optim["weight_decay"])
         batch = {"image": x32, "tabular": tab, "target": target}
         if cuda:
             batch = {k: v.pin_memory() for k, v in batch.items()}

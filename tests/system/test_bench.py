@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from biomass import bench
+from biomass.bench import common as bench_common
+from biomass.bench import loader as bench_loader
+from biomass.bench.__main__ import main as bench_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,20 +38,21 @@ def test_loader_json(tmp_path):
         assert positive(r[key]), key
     assert r["biomass_vs_seed"] == pytest.approx(r["biomass"] / r["seed"])
     assert r["cached_vs_decode"] == pytest.approx(r["cached"] / r["decode"])
-    assert set(r["met"]) == set(r["targets"]) == set(bench.TARGETS)
+    assert set(r["met"]) == set(r["targets"]) == set(bench_loader.TARGETS)
     s = r["settings"]
     assert s["n"] == 3 and s["size"] == [64, 64] and s["source_hw"] == [1000, 2000] and s["crop_boxes"] is True
-    assert s["augment"] == bench.gold_augment()
+    assert s["augment"] == bench_common.gold_augment()
     assert set(r["runs_img_s"]) == {"decode", "seed", "biomass", "cached"}
 
 
-def test_gold_augment_fallback_matches_gold_yaml():
-    """The copy used when experiments/ is not next to the package is gold's list."""
-    assert bench.GOLD.is_file() and bench.gold_augment() == bench.GOLD_TRAIN_AUGMENT
+def test_gold_augment_is_read_from_the_packaged_gold():
+    """The bench reads gold's list from the config the package ships (no copy of it to drift)."""
+    assert bench_common.GOLD.is_file() and bench_common.GOLD.parent.name == "configs"
+    assert bench_common.gold_augment()[0] == {"name": "HorizontalFlip", "p": 0.5}
 
 
 def test_order_json_and_table(capsys):
-    assert bench.main(["order", "--json", "--size", "32"]) == 0
+    assert bench_main(["order", "--json", "--size", "32"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     r = json.loads(out[0])
@@ -60,14 +63,14 @@ def test_order_json_and_table(capsys):
     assert 0 < r["noise_std_after_resize"]["area"] < r["noise_std_after_resize"]["linear"] <= 1
     assert r["gaussnoise_std_ours_nominal_5.1"] == pytest.approx(5.1, rel=0.1)
 
-    assert bench.main(["order", "--size", "32"]) == 0
+    assert bench_main(["order", "--size", "32"]) == 0
     table = capsys.readouterr().out
     assert "augmentation order" in table and "HueSaturationValue" in table and "{" not in table
 
 
 def test_saved_activations_frozen_prefix_saves_less(capsys):
     """The `saved` variant in-process on a tiny ViT: half the parameter tensors frozen keeps fewer activations."""
-    assert bench.main(["train", "--variant", "saved", "--json", "--model", "test_vit", "--size", "32",
+    assert bench_main(["train", "--variant", "saved", "--json", "--model", "test_vit", "--size", "32",
                        "--batch", "2", "--freeze", "0.5"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["variant"] == "saved" and r["saved_freeze"] == 0.5

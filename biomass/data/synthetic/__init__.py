@@ -1,5 +1,7 @@
 """Synthetic CSIRO Image2Biomass dataset with real labels: `python -m biomass.data.synthetic OUT_DIR [options]`.
 
+(Over 350 lines on purpose: one picture's recipe, from labels to strokes to JPEG, reads best in one file.)
+
 The competition photos cannot be shipped, so this module draws top-down quadrat pictures whose content carries the
 real labels (shipped in `labels/csiro_train.csv`), and writes them in Kaggle's exact layout:
 
