@@ -3,7 +3,7 @@
 An image edge is cut only where a band along it is uniform in colour, nearly free of texture, neither vivid nor
 green, and ends at a straight line (near) parallel to the edge. Pasture is textured at the scale of a blade; dry
 straw can have cardboard's colour but not its flatness; bare soil can be flat but is darker and more saturated; a
-date stamp's vivid pixels are skipped. Bands are found on a copy WORK_LONG px long, then placed on the decoded image.
+date stamp's lines are skipped. Bands are found on a copy WORK_LONG px long, then placed on the decoded image.
 """
 from __future__ import annotations
 
@@ -50,18 +50,17 @@ def _lab(bgr: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(bgr.astype(np.float32) / 255.0, cv2.COLOR_BGR2Lab)  # float: L* 0-100, a*/b* about +-100
 
 
-def _texture(lightness: np.ndarray) -> np.ndarray:
-    """Local standard deviation of L* in a 3x3 window: near zero on cardboard, large across blades and straws."""
-    mean, sq = cv2.blur(lightness, (3, 3)), cv2.blur(lightness * lightness, (3, 3))
-    return np.sqrt(np.maximum(sq - mean * mean, 0.0))
-
-
 def _stamp_mask(bgr: np.ndarray) -> np.ndarray:
-    """Vivid orange-red pixels (a camera's date stamp) and 2 px around them (anti-aliased glyph edges): they
-    neither belong to nor end a band, so a stamp printed on the cardboard does not bend the band's edge."""
+    """Vivid orange-red pixels (a camera's date stamp) and 2 px around them (anti-aliased glyph edges)."""
     hue, sat, val = cv2.split(cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV))
     warm = ((hue <= STAMP_HUE) | (hue >= 180 - STAMP_HUE // 2)) & (sat >= STAMP_SV) & (val >= STAMP_SV)
     return cv2.dilate(warm.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+
+
+def _unstamped(stamp: np.ndarray) -> np.ndarray:
+    """Lines (mask rows) clear of any stamp, which would end or prolong their walk; all if that leaves few."""
+    free = ~stamp.any(axis=1)
+    return free if free.sum() >= max(5, len(free) // 4) else np.ones_like(free)
 
 
 def _line_seeds(lab_lines: np.ndarray, depth: int) -> np.ndarray:
@@ -70,12 +69,12 @@ def _line_seeds(lab_lines: np.ndarray, depth: int) -> np.ndarray:
     return np.median(np.lib.stride_tricks.sliding_window_view(seeds, SEED_SMOOTH, axis=0), axis=-1)
 
 
-def _straight(runs: np.ndarray, tol: float) -> bool:
-    """Do most lines' band ends lie within `tol` of one straight line no steeper than MAX_TILT? A first line
-    through the medians of the two halves ignores stray lines (a stamp's); then a least-squares fit to the rest."""
-    n, half = len(runs), len(runs) // 2
-    t, need = np.arange(n) - (n - 1) / 2, max(3, STRAIGHT_SHARE * n)
-    slope = (np.median(runs[n - half:]) - np.median(runs[:half])) / max(1, n - half)
+def _straight(rows: np.ndarray, runs: np.ndarray, width: int) -> bool:
+    """Do most lines' band ends lie near one straight line no steeper than MAX_TILT? A first line through the
+    medians of the two halves ignores stray lines; then a least-squares fit to the rest."""
+    tol = max(1.5, STRAIGHT_TOL * width)
+    t, need, half = rows - rows.mean(), max(3, STRAIGHT_SHARE * len(runs)), len(runs) // 2
+    slope = (np.median(runs[-half:]) - np.median(runs[:half])) / max(1, np.median(t[-half:]) - np.median(t[:half]))
     near = np.abs(runs - (np.median(runs - slope * t) + slope * t)) <= tol
     if near.sum() < need:
         return False
@@ -83,32 +82,32 @@ def _straight(runs: np.ndarray, tol: float) -> bool:
     return np.sum(np.abs(runs - (offset + slope * t)) <= tol) >= need and abs(slope) <= MAX_TILT
 
 
-def _band_depth(lab: np.ndarray, tex: np.ndarray, sat: np.ndarray, stamp: np.ndarray, lines: slice) -> int:
+def _band_depth(lab: np.ndarray, tex: np.ndarray, sat: np.ndarray, stamp: np.ndarray, rows: np.ndarray) -> int:
     """Depth in pixels of a band at column 0 of the oriented arrays, or 0: each line (row) is walked from the
     edge while its pixels keep the line's seed colour and stay flat; the median stop counts if the stops lie on a
     straight line and the band passes the colour and contrast gates."""
     width = lab.shape[1]
     reach, seed_depth = min(width, int(MAX_BAND * width) + 2), max(2, round(SEED_DEPTH * width))
-    band_lab, band_tex = lab[lines, :reach], tex[lines, :reach]
-    if len(band_lab) < 5:
+    rows = rows[_unstamped(stamp[rows, :reach])]
+    if len(rows) < 5:
         return 0
+    band_lab, band_tex = lab[rows, :reach], tex[rows, :reach]
     seeds = _line_seeds(band_lab, seed_depth)
     tex_tol = max(TEX_FLOOR, TEX_NOISE_K * float(np.median(band_tex[:, :seed_depth])))
     member = (np.linalg.norm(band_lab - seeds[:, None, :], axis=2) < COLOUR_TOL) & (band_tex < tex_tol)
-    member |= stamp[lines, :reach]
     # A line stops at its first two consecutive non-members: one stray pixel (a noise spike) does not end it.
     stop = ~member[:, :-1] & ~member[:, 1:]
     runs = np.where(stop.any(axis=1), stop.argmax(axis=1), reach)
     depth = int(np.median(runs))
-    if depth < max(2, MIN_BAND * width) or depth >= reach - 1 or not _straight(runs, max(1.5, STRAIGHT_TOL * width)):
+    if depth < max(2, MIN_BAND * width) or depth >= reach - 1 or not _straight(rows, runs, width):
         return 0
     inner = slice(depth + 2, min(width, depth + 2 + 2 * seed_depth))
     band_colour = np.median(band_lab[:, :depth].reshape(-1, 3), axis=0)
-    if np.median(sat[lines, :depth]) > MAX_SATURATION or band_colour[1] < MIN_A:
+    if np.median(sat[rows, :depth]) > MAX_SATURATION or band_colour[1] < MIN_A:
         return 0
-    band_flat, inside_flat = np.median(band_tex[:, : max(1, depth - 1)]), np.median(tex[lines, inner])
+    band_flat, inside_flat = np.median(band_tex[:, : max(1, depth - 1)]), np.median(tex[rows, inner])
     # What lies inside must differ: in colour, or by being much more textured (pasture of the band's colour).
-    differs = np.linalg.norm(np.median(lab[lines, inner].reshape(-1, 3), axis=0) - band_colour) >= INSIDE_CONTRAST
+    differs = np.linalg.norm(np.median(lab[rows, inner].reshape(-1, 3), axis=0) - band_colour) >= INSIDE_CONTRAST
     return depth if differs or inside_flat >= INSIDE_TEXTURE * band_flat else 0
 
 
@@ -116,7 +115,9 @@ def _coarse_depths(bgr: np.ndarray) -> dict[str, int]:
     """Band depth per edge on the work copy. The first pass tests the central 70% of the lines; the second only
     those between the bands found across (where two bands meet, a corner looks like a band as deep as the other)."""
     lab = _lab(bgr)
-    tex = _texture(np.ascontiguousarray(lab[..., 0]))
+    lightness = np.ascontiguousarray(lab[..., 0])
+    mean, sq = cv2.blur(lightness, (3, 3)), cv2.blur(lightness * lightness, (3, 3))
+    tex = np.sqrt(np.maximum(sq - mean * mean, 0.0))  # 3x3 std of L*: ~0 on cardboard, high across blades, straws
     sat, stamp = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)[..., 1].astype(np.float32) / 255.0, _stamp_mask(bgr)
     depths: dict[str, int] = {}
     for _ in range(2):
@@ -124,9 +125,9 @@ def _coarse_depths(bgr: np.ndarray) -> dict[str, int]:
         for edge in EDGES:
             length = lab.shape[0 if edge in ("left", "right") else 1]
             margin = max(2, round(0.02 * length))
-            a, b = (depths[ACROSS[edge][0]] + margin, length - depths[ACROSS[edge][1]] - margin) if depths else (0, 0)
-            lo, hi = (a, b) if b - a >= 5 else (int(0.15 * length), int(0.85 * length))
-            found[edge] = _band_depth(*(_oriented(a, edge) for a in (lab, tex, sat, stamp)), slice(lo, hi))
+            lo, hi = (depths[ACROSS[edge][0]] + margin, length - depths[ACROSS[edge][1]] - margin) if depths else (0, 0)
+            lo, hi = (lo, hi) if hi - lo >= 5 else (int(0.15 * length), int(0.85 * length))
+            found[edge] = _band_depth(*(_oriented(a, edge) for a in (lab, tex, sat, stamp)), np.arange(lo, hi))
         depths = found
     return depths
 
@@ -141,11 +142,12 @@ def _place_edge(bgr: np.ndarray, edge: str, coarse: float, span: tuple[float, fl
     shadow_max = max(2, round(SHADOW_MAX * min(bgr.shape[:2])))
     reach = min(width, int((coarse + 3) * scale) + shadow_max + 2)
     window = np.ascontiguousarray(img[lo:hi:step, :reach])
+    window = window[_unstamped(_stamp_mask(window))]
     if window.shape[0] < 5 or reach < 4:
         return int(round(coarse * scale))
     lab = _lab(window)
     seeds = _line_seeds(lab, min(max(2, round(SEED_DEPTH * width)), int(coarse * scale) or 1))
-    share = np.mean((np.linalg.norm(lab - seeds[:, None, :], axis=2) < COLOUR_TOL) | _stamp_mask(window), axis=0)
+    share = np.mean(np.linalg.norm(lab - seeds[:, None, :], axis=2) < COLOUR_TOL, axis=0)
     start = max(0, int((coarse - 2) * scale))  # the coarse stop may be a work pixel early (3x3 texture window)
     stops = np.flatnonzero(share[start:] < 0.5)
     end = start + int(stops[0]) if len(stops) else int(round(coarse * scale))
@@ -219,12 +221,11 @@ def _detect_file(path: Path) -> Box:
 
 
 def detect_crops(root: str | Path, image_paths: Iterable[str], workers: int | None = None) -> pd.DataFrame:
-    """One row per image (image_path, x0, y0, x1, y1), in the given order; paths are relative to `root`.
-    Threads suffice: cv2 releases the GIL while decoding and filtering."""
+    """One row per image (image_path, x0, y0, x1, y1), in the given order; paths are relative to `root`."""
     root, paths = Path(root), list(dict.fromkeys(image_paths))
     if workers is not None and workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
-    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:  # cv2 frees the GIL
         boxes = list(pool.map(lambda p: _detect_file(root / p), paths))
     return pd.DataFrame([(p, *b) for p, b in zip(paths, boxes)], columns=list(CROP_COLUMNS))
 
@@ -263,9 +264,8 @@ def write_crops(root: str | Path, out: str | Path | None = None, preview_dir: st
         os.replace(tmp, out)  # readers see the old file or the whole new one, never a partial file
     finally:
         tmp.unlink(missing_ok=True)
-    preview = preview_grid(root, df, Path(preview_dir) / "crops_preview.png") if preview_dir is not None else None
-    return {"images": len(df), "bordered": int(_bordered(root, df).sum()), "out": str(out),
-            "preview": None if preview is None else str(preview)}
+    preview = str(preview_grid(root, df, Path(preview_dir) / "crops_preview.png")) if preview_dir else None
+    return {"images": len(df), "bordered": int(_bordered(root, df).sum()), "out": str(out), "preview": preview}
 
 
 # ------------------------------------------------------------------------------------------------------- scoring

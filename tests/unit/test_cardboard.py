@@ -95,6 +95,18 @@ def test_full_size_photo_every_orientation(tmp_path: Path, k: int) -> None:
     assert box_iou(got, _rotated_truth(box, k, 2000, 1000)) >= 0.97, got
 
 
+@pytest.mark.parametrize("where", [(20, 30, 1.0), (300, 45, 0.9), (10, 20, 2.0)], ids=["on", "straddling", "wide"])
+def test_a_stamp_printed_over_the_cardboard_does_not_move_its_edge(where: tuple[int, int, float]) -> None:
+    """Orange text on the band, across its inner edge, or 40% of the side wide: the edge stays put, every way up."""
+    box = (0, 36, W, H)
+    img = render_quadrat(np.random.default_rng(2), LUSH, W, H, box, None)
+    x, y, scale = where
+    cv2.putText(img, "2019/04/23", (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 150, 20), 2, cv2.LINE_AA)
+    for k in range(4):
+        got = detect_box(np.ascontiguousarray(np.rot90(img, k)))
+        assert box_iou(got, _rotated_truth(box, k, W, H)) >= 0.97, (k, got)
+
+
 # ------------------------------------------------------------------------------------------- false positives
 @pytest.mark.parametrize("labels", [DRY, BARE], ids=["dry-straw", "bare-soil"])
 def test_dry_or_bare_pasture_with_a_turned_stamp_is_not_cropped(labels: dict) -> None:
