@@ -136,7 +136,7 @@ def _place_edge(bgr: np.ndarray, edge: str, coarse: float, span: tuple[float, fl
     """Depth in pixels of `bgr` (full or reduced decode) of the band found at `coarse` work pixels: the last
     column where most lines still hold the band colour, plus a dark shadow line just inside, if any."""
     img = _oriented(bgr, edge)
-    length, width = img.shape[:2]
+    width = img.shape[1]
     lo, hi = int(span[0] * scale), int(span[1] * scale)
     step = max(1, (hi - lo) // 400)  # a few hundred lines are plenty for a median
     shadow_max = max(2, round(SHADOW_MAX * min(bgr.shape[:2])))
