@@ -11,6 +11,8 @@
 - `infer`: images/s of the whole inference chain (`biomass.infer`) on a run directory.
 - `ridge`: an experiment (default the demo profile) trained on freshly rendered 2000x1000 data it has never seen,
   its submission scored beside the colour-histogram ridge's on the same split (biomass.baselines.versus_ridge).
+- `memory`: each stage's peak GPU memory at its real size and batch (fp32/bf16, with and without gradient
+  checkpointing), estimated on the meta device, and which common GPUs fit training and fold-at-a-time inference.
 - `order`: how far each augmentation is from commuting with the resize, and how the resize attenuates pixel noise.
 
 `--json` prints exactly one JSON object on stdout; everything else goes to stderr. See docs/BENCHMARKS.md.
@@ -76,7 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="keep data, run and submissions here (default: a temporary folder)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for the experiment")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("memory", help="peak GPU memory per stage (meta-device estimate) and which GPUs fit it")
+    p.add_argument("experiment", type=Path)
+    p.add_argument("overrides", nargs="*", help="key=value overrides for the experiment")
+    p.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.cmd == "memory":
+        import json
+
+        from biomass.bench.memory import experiment_memory, print_report
+        from biomass.config.load import load_experiment
+
+        r = experiment_memory(load_experiment(args.experiment, args.overrides).config)
+        print(json.dumps(r, indent=1, default=float)) if args.json else print_report(r)
+        return 0
 
     if args.cmd == "loader":
         from biomass.bench.loader import TARGETS, loader_bench

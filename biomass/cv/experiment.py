@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import biomass.components  # noqa: F401  (fills the registries this module builds from)
 from biomass import __version__
 from biomass.chain import uses_tabular
 from biomass.config.load import Experiment

@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
+import biomass.components  # noqa: F401  (fills the registries this module builds from)
 from biomass.config.schema import StageConfig
 from biomass.data.images import EpochSampler, ImageDataset, Reader, build_augment
 from biomass.errors import ConfigError

@@ -1,4 +1,4 @@
-"""biomass.memory: the meta-device estimate against CPU measurements, exact resident bytes, and the GPU table."""
+"""biomass.bench.memory: the meta-device estimate against CPU measurements, exact resident bytes, and the GPU table."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from biomass import memory
-from biomass.config import load_experiment
+from biomass.bench import memory
+from biomass.config.load import load_experiment
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 GiB = 2**30

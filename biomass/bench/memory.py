@@ -1,5 +1,5 @@
 """Peak GPU memory of each training stage, estimated on the meta device (no memory, no weights) and checked against
-a CPU measurement of the same step. `python -m biomass.memory EXPERIMENT [key=value ...] [--json]`.
+a CPU measurement of the same step. `python -m biomass.bench memory EXPERIMENT [key=value ...] [--json]`.
 
 (a) parameters + buffers, (b) gradients (trainable tensors), (c) AdamW state (fp32 exp_avg + exp_avg_sq, a 4-byte step
 per tensor): counted on the model. A training forward + backward at the stage's image size and per-device batch runs
@@ -20,7 +20,6 @@ the CUDA context, cuBLAS/cuDNN workspaces, fragmentation.
 """
 from __future__ import annotations
 
-import json
 import math
 import pickle
 import resource
@@ -51,12 +50,12 @@ AUTOCAST = {  # Python-level op name -> dtype, after torch's autocast lists (cud
 
 def _build(stage_name: str, stage):
     """The one place that imports biomass's model-building code: (model, loss, n_tabular, n_targets)."""
-    from biomass.engine import STAGE_INPUTS, STAGE_TARGETS, build_stage_model
-    from biomass.registry import load_components
+    from biomass.engine.build import build_stage_model
+    from biomass.stages import by_name
 
-    load_components()
-    model, loss = build_stage_model(stage_name, stage, load_weights=False)
-    return model, loss, len(STAGE_INPUTS[stage_name]), len(STAGE_TARGETS[stage_name])
+    st = by_name(stage_name)
+    model, loss = build_stage_model(st, stage, load_weights=False)
+    return model, loss, len(st.inputs), len(st.targets)
 
 
 def _key(t: torch.Tensor) -> int:
@@ -232,7 +231,7 @@ def stage_memory(stage_name: str, stage, precision: str, grad_checkpointing: boo
     r = _profile(stage_name, stage, precision, grad_checkpointing, batch, eval_batch, target)
     tr, ev, px = r["train"], r["eval"], 3 * math.prod(stage.image.size) * (2 if stage.image.layout == "halves" else 1)
     batch_bytes = batch * px  # uint8 images (tabular and targets: < 100 bytes a sample)
-    step_temp = r["gradients"] if stage.optim.fused is False else 2 * r["largest_trainable"]  # foreach | one tensor
+    step_temp = r["gradients"] if stage.optim.get("fused") is False else 2 * r["largest_trainable"]  # foreach | one tensor
     train_peak = r["params"] + r["optimizer"] + batch_bytes + max(tr["peak"], r["gradients"] + step_temp)
     out = {"stage": stage_name, "precision": precision, "grad_checkpointing": grad_checkpointing,
            "image_size": list(stage.image.size), "batch": batch, "eval_batch": eval_batch, "method": r["method"],
@@ -283,8 +282,8 @@ def measure_cpu(stage_name: str, stage, batch: int, precision: str = "fp32", gra
     every allocation and free of torch's CPU allocator in order. `peak`: their largest running sum from before the
     model exists, the CPU torch.cuda.max_memory_allocated (kernel scratch included, fragmentation not);
     `maxrss_delta`: ru_maxrss growth over the steps (allocator caching and fragmentation included)."""
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
-            "from biomass.memory import _measure_child; _measure_child()")
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r}); "
+            "from biomass.bench.memory import _measure_child; _measure_child()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, check=False,
                           input=pickle.dumps((stage_name, stage, batch, precision, grad_checkpointing)))
     if proc.returncode:
@@ -341,9 +340,3 @@ def print_report(result: dict, console=None) -> None:
                       f"GiB -> {first(inf['fits_' + k])}" for p, inf in result["inference"].items()
                       for k in ("fold_at_a_time", "all_folds_resident")), sep="\n")
 
-
-if __name__ == "__main__":  # python -m biomass.memory EXPERIMENT [key=value ...] [--json]
-    from biomass.config import load_experiment
-
-    result = experiment_memory(load_experiment(sys.argv[1], [a for a in sys.argv[2:] if a != "--json"]).config)
-    print(json.dumps(result, indent=1)) if "--json" in sys.argv else print_report(result)
