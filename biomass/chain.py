@@ -71,13 +71,16 @@ def uses_tabular(model: torch.nn.Module) -> bool:
     return any(isinstance(m, FusionHead) and m.tabular is not None for m in model.modules())
 
 
-def load_fold_model(run: RunDir, stage: Stage, stage_cfg: StageConfig, fold: int, device: torch.device) -> FoldModel:
+def load_fold_model(run: RunDir, stage: Stage, stage_cfg: StageConfig, fold: int, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> FoldModel:
     meta = run.checkpoint_info(stage, fold)
     model, _ = build_stage_model(stage, stage_cfg, load_weights=False)
     load_checkpoint(model, run.checkpoint(stage, fold))
     scalers = meta["scalers"]
     tabular = Scaler.from_dict(scalers["tabular"]) if "tabular" in scalers and uses_tabular(model) else None
-    return FoldModel(fold, model.eval().to(device), tabular)
+    model = model.eval().to(device=device, dtype=dtype)
+    model.target_space.float()  # predictions leave the model in fp32 units whatever the weights' dtype
+    return FoldModel(fold, model, tabular)
 
 
 def views(x: torch.Tensor, names: Sequence[str]):
@@ -122,7 +125,8 @@ def predict_stage(accelerator: Accelerator, run: RunDir, cfg: ExperimentConfig, 
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             continue
-        fm = load_fold_model(run, stage, stage_cfg, fold, accelerator.device)
+        fm = load_fold_model(run, stage, stage_cfg, fold, accelerator.device,
+                             getattr(torch, cfg.infer.weights_dtype))
         if fm.tabular is not None:
             if tabular is None or np.isnan(tabular[rows]).any():
                 raise ConfigError("the main model needs NDVI and Height, which test.csv lacks, and this run has no "

@@ -39,7 +39,7 @@ def check_output(out: Path) -> Path:
 def write_submission(run_dir: Path, data_dir: Path, out: Path, batch_size: int | None = None,
                      main_folds: list[int] | None = None, aux_folds: list[int] | None = None) -> pd.DataFrame:
     """Predict every test image with every fold model (or the folds given) and write Kaggle's submission CSV."""
-    from accelerate import Accelerator
+    from biomass.engine.build import make_accelerator
 
     run = RunDir(run_dir)
     cfg = run.completed()
@@ -52,7 +52,7 @@ def write_submission(run_dir: Path, data_dir: Path, out: Path, batch_size: int |
     weights = fold_weights(cfg, run, main_folds) if len(main_folds) == len(run.trained_folds(MAIN, cfg.main)) \
         else {k: 1.0 / len(main_folds) for k in main_folds}
 
-    accelerator = Accelerator()
+    accelerator = make_accelerator(cfg)
     start = time.time()
     with Progress(progress_enabled() and accelerator.is_main_process) as progress:
         task = progress.task("fold models", len(main_folds) + len(aux_folds))

@@ -186,9 +186,7 @@ def order_bench(data: Path | None, size: int) -> dict[str, Any]:
     noise = np.random.default_rng(0).standard_normal((h, w, 3)).astype(np.float32)
     out["noise_std_after_resize"] = {
         "linear": float(resize(noise, cv2.INTER_LINEAR).std()), "area": float(resize(noise, cv2.INTER_AREA).std())}
-    lo, hi = next(s for s in gold_augment() if s["name"] == "GaussNoise")["std_range"]
-    k = out["noise_std_after_resize"]["linear"]
-    out["seed_noise_std_at_size_0_1"] = [lo * k, hi * k]
+    out["seed_gaussnoise_at_size"] = seed_noise_equivalent(rgb, resize)
     grey = np.full((400, 400, 3), 128, np.uint8)
     for name, tr in (("ours", build_augment([{"name": "GaussNoise", "std_range": [0.02, 0.02], "p": 1.0}])),
                      ("albumentations", A.Compose([A.GaussNoise(std_range=(0.02, 0.02), p=1.0)]))):
@@ -197,3 +195,32 @@ def order_bench(data: Path | None, size: int) -> dict[str, Any]:
     return out
 
 
+# What the seed's GaussNoise really did: albumentations 2.0 dropped its `var_limit`, so the default std_range
+# (0.2, 0.44) of 255 ran, at full resolution, clipped to uint8, before the resize.
+SEED_NOISE_STD_RANGE = (0.2, 0.44)
+
+
+def seed_noise_equivalent(rgb, resize, seed: int = 0) -> dict:
+    """For each end of the seed's std range: the noise it leaves after clip + resize (std of the difference from the
+    clean resized image, over 0..1), and the std_range value that, added after the resize and clipped as ours is,
+    leaves the same (bisection). That pair is gold's main-stage GaussNoise std_range."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    clean = resize(rgb).astype(np.float64)
+
+    def after(img_float, sigma):
+        noisy = np.clip(np.rint(img_float + rng.normal(0.0, sigma * 255.0, img_float.shape)), 0, 255)
+        return noisy
+
+    out = {}
+    for end, sigma in zip(("low", "high"), SEED_NOISE_STD_RANGE):
+        seed_diff = resize(after(rgb.astype(np.float64), sigma).astype(np.uint8)).astype(np.float64) - clean
+        target = float(seed_diff.std()) / 255.0
+        lo, hi = 0.0, sigma
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            ours = float((after(clean, mid) - clean).std()) / 255.0
+            lo, hi = (mid, hi) if ours < target else (lo, mid)
+        out[end] = {"seed_std_range": sigma, "effective_std_at_size": target, "our_std_range": (lo + hi) / 2}
+    return out

@@ -121,6 +121,7 @@ class InferConfig(Section):
     mass_balance: bool = False  # project onto GDM = Green + Clover, Total = GDM + Dead
     clip: bool = True  # clip predictions at 0 g (after the mass balance)
     batch_size: PositiveInt = 8
+    weights_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: fold models held in half the memory
 
 
 class TrackingConfig(Section):
@@ -129,7 +130,9 @@ class TrackingConfig(Section):
 
 
 class RuntimeConfig(Section):
-    tf32: bool = True
+    # "no" | "bf16" | "fp16": training and inference autocast, over the accelerate launch config's; None: its
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    tf32: bool = True  # TF32 matmuls and convolutions on CUDA
     compile: bool = False
 
 

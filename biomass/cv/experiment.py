@@ -22,7 +22,7 @@ from biomass.config.load import Experiment
 from biomass.config.schema import ExperimentConfig
 from biomass.cv.outputs import compute_metrics, summary_table, write_outputs
 from biomass.data.source import TrainData, ensure_demo_data, load_train_data
-from biomass.engine.build import build_stage_model
+from biomass.engine.build import build_stage_model, make_accelerator
 from biomass.engine.checkpoint import backbone_state, read_json, write_json
 from biomass.engine.loop import FoldResult, fit_fold
 from biomass.errors import BiomassError
@@ -121,16 +121,12 @@ def main_reads_tabular(cfg: ExperimentConfig) -> bool:
 def train_experiment(exp: Experiment, run_dir: Path | None = None, force: bool = False,
                      parent_run_id: str | None = None, tags: dict[str, str] | None = None,
                      resume: bool = False) -> Path:
-    from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
     from rich.console import Console
 
     cfg = exp.config
     start = time.time()
-    accelerator = Accelerator()
-    if cfg.runtime.tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    accelerator = make_accelerator(cfg)
     console = Console()
     if accelerator.is_main_process:
         ensure_demo_data(exp)

@@ -11,12 +11,22 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 import biomass.components  # noqa: F401  (fills the registries this module builds from)
-from biomass.config.schema import StageConfig
+from biomass.config.schema import ExperimentConfig, StageConfig
 from biomass.data.images import EpochSampler, ImageDataset, Reader, build_augment
 from biomass.errors import ConfigError
 from biomass.models.model import BiomassModel, TargetSpace
 from biomass.registry import BACKBONES, HEADS, LOSSES, OPTIMIZERS, POOLINGS, SCHEDULERS
 from biomass.stages import Stage
+
+
+def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
+    """The run's Accelerator: `runtime.mixed_precision` over the launch config's, and TF32 exactly as
+    `runtime.tf32` says (cuDNN enables it by default; the seed ran without)."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = cfg.runtime.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.runtime.tf32
+    precision = cfg.runtime.mixed_precision
+    return Accelerator() if precision is None else Accelerator(mixed_precision=precision)
 
 
 def build_stage_model(stage: Stage, cfg: StageConfig, load_weights: bool = True

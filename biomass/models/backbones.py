@@ -136,8 +136,13 @@ def read_weights(path: Path, shapes_only: bool = False) -> dict[str, torch.Tenso
             from safetensors.torch import load_file
 
             state = load_file(str(path))
-        else:  # .pth / .bin / .pt: tensors only, never arbitrary pickled objects
-            state = torch.load(path, map_location="meta" if shapes_only else "cpu", weights_only=True)
+        elif shapes_only:  # .pth / .bin / .pt, memory-mapped: names and shapes without reading the tensors
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+                state = torch.load(path, map_location="meta", weights_only=True)
+        else:  # tensors only, never arbitrary pickled objects
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ConfigError(f"backbone weights {path}: cannot be read ({' '.join(str(err).split())[:200]})") from None
     for key in ("state_dict", "model", "module"):

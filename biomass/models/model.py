@@ -61,7 +61,7 @@ class BiomassModel(nn.Module):
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
         # uint8 travels to the device; normalising here costs the GPU nothing and the loader 4x less memory traffic
-        x = (image.float() - self.pixel_mean) / self.pixel_std
+        x = (image.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std  # the weights' dtype
         if self.layout == "halves":  # (B, 3, H, 2W) -> both halves through the one backbone
             b = x.shape[0]
             x = torch.cat(x.chunk(2, dim=3), dim=0)
@@ -71,7 +71,8 @@ class BiomassModel(nn.Module):
         return self.pooling(self.backbone(x))
 
     def forward(self, image: torch.Tensor, tabular: torch.Tensor) -> torch.Tensor:
-        out = self.head(self.features(image), tabular)
+        features = self.features(image)
+        out = self.head(features, tabular.to(features.dtype))
         if self.activation == "scaled_sigmoid":
             lo, hi = self.target_space.lo, self.target_space.hi
             k = out.shape[1] // lo.shape[0]
