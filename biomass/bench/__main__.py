@@ -11,6 +11,8 @@
 - `infer`: images/s of the whole inference chain (`biomass.infer`) on a run directory.
 - `ridge`: an experiment (default the demo profile) trained on freshly rendered 2000x1000 data it has never seen,
   its submission scored beside the colour-histogram ridge's on the same split (biomass.baselines.versus_ridge).
+- `gpu`: what only a GPU shows: gold's train step (fp32 as the seed, bf16, the seed's loop), the inference chain on
+  800 rendered test images, GPU JPEG decode (biomass.bench.gpu).
 - `memory`: each stage's peak GPU memory at its real size and batch (fp32/bf16, with and without gradient
   checkpointing), estimated on the meta device, and which common GPUs fit training and fold-at-a-time inference.
 - `order`: how far each augmentation is from commuting with the resize, and how the resize attenuates pixel noise.
@@ -78,11 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="keep data, run and submissions here (default: a temporary folder)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for the experiment")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("gpu", help="gold's train step (fp32, bf16, seed loop), the inference chain, GPU decode")
+    from biomass.bench.gpu import add_arguments
+
+    add_arguments(p)
     p = sub.add_parser("memory", help="peak GPU memory per stage (meta-device estimate) and which GPUs fit it")
     p.add_argument("experiment", type=Path)
     p.add_argument("overrides", nargs="*", help="key=value overrides for the experiment")
     p.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.cmd == "gpu":
+        from biomass.bench.gpu import gpu_bench
+
+        r = gpu_bench(args)
+        rows = [(f"{part} {k}", fmt(v)) for part in ("train_step", "inference_chain", "jpeg_decode")
+                for k, v in r[part].items()]
+        emit(r, args.json, f"GPU checks ({r['machine'].get('gpu', 'no GPU')})", rows)
+        return 0
     if args.cmd == "memory":
         import json
 

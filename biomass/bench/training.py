@@ -87,9 +87,10 @@ def train_variant(variant: str, args) -> dict[str, Any]:
         from accelerate import Accelerator
 
         precision = args.precision or ("bf16" if cuda else "no")
-        if cuda:  # as biomass.cv.experiment does with runtime.tf32 (default true)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        tf32 = cuda and precision != "no"  # fp32 as the seed: no TF32 (gold's runtime.tf32: false)
+        if cuda:  # as engine.build.make_accelerator does with runtime.tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
         accelerator = Accelerator(mixed_precision=precision, cpu=not cuda)
         optimizer = make_optimizer(model, stage, accelerator.device)
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -106,10 +107,13 @@ def train_variant(variant: str, args) -> dict[str, Any]:
             run(1, unwrap(accelerator, model))
 
         out["precision"] = precision
-        out["tf32"] = cuda
+        out["tf32"] = tf32
         out["compile"] = args.compile
         out["optimizer"] = f"AdamW over trainable tensors, fused={optimizer.defaults.get('fused')}"
-    else:  # the seed's loop: fp32, normalised float input from the CPU, a host sync every step
+    else:  # the seed's loop: fp32 (no TF32), normalised float input from the CPU, a host sync every step
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         x32 = (u8.float() / 255 - mean) / std

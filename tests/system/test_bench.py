@@ -104,3 +104,23 @@ def test_infer_json(tmp_path):
     r = run_cli("infer", str(run_dir), "--data", str(data), "--json")
     assert positive(r["images_per_s"]) and positive(r["seconds"]) and r["images"] == 2
     assert r["model_passes_per_image"] == 3 * 3 + 3  # 3 main folds x 3 TTA views + 3 aux folds
+
+
+@pytest.mark.slow
+def test_gpu_bench_runs_its_code_on_a_cpu(capsys):
+    """`bench gpu` is run for real only where a GPU is lent; here its code runs end to end at a toy size."""
+    args = ["gpu", "--cpu", "--model", "test_vit", "--size", "32", "--batch", "4", "--steps", "1", "--repeats", "1",
+            "--n-test", "4", "--folds", "2", "--width", "128", "--height", "64", "--json"]
+    assert bench_main(args) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["cuda"] is False
+    assert set(r["train_step"]) == {"ours_fp32", "ours_bf16", "seed_fp32"}
+    assert r["train_step"]["ours_fp32"]["precision"] == "no" and r["train_step"]["ours_bf16"]["precision"] == "bf16"
+    assert r["inference_chain"]["images"] == 4 and r["inference_chain"]["model_passes_per_image"] == 2 * 3 + 2
+    assert r["jpeg_decode"]["cpu_cv2_one_core_img_s"] > 0
+
+
+def test_memory_bench_cli_prints_gold_stages(capsys):
+    assert bench_main(["memory", str(REPO / "experiments" / "gold.yaml"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert {row["stage"] for row in r["stages"]} == {"main", "aux"}
