@@ -29,7 +29,8 @@ import cv2
 import numpy as np
 
 from biomass.data import images
-from biomass.data.images import Box, Reader
+from biomass.data.images import Reader
+from biomass.data.table import Box
 
 FORMAT_VERSION = 1
 

@@ -22,9 +22,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from biomass.data.augment import TRANSFORMS
+from biomass.data.table import Box
 from biomass.errors import ConfigError, DataError, suggest
 
-Box = tuple[int, int, int, int]
 _REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
             8: cv2.IMREAD_REDUCED_COLOR_8}
 
