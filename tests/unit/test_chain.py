@@ -138,3 +138,47 @@ def test_deployable_metric_scores_the_deployable_oof(tiny_run):
     p = oof.loc[keys].to_numpy().reshape(-1, 5)
     assert metrics["cv/weighted_r2_deployable"] == pytest.approx(weighted_r2(y, p), abs=1e-5)
     assert (p >= 0).all()  # the chain's post-processing (clip) ran in the CV too
+
+
+def test_crop_policy_frames_each_stage_as_it_trained():
+    cfg = load_experiment(REPO / "experiments/gold.yaml").config
+    none = ChainSettings.of(cfg)
+    assert none.crop == "none" and not none.crops(cfg.main) and not none.crops(cfg.aux)  # the seed: uncropped test
+    cfg.infer.crop = "boxes"
+    boxes = ChainSettings.of(cfg)
+    assert boxes.crops(cfg.main) and not boxes.crops(cfg.aux)  # main trained cropped, aux on the originals
+
+
+def test_gold_without_crop_boxes_names_the_detector(tmp_path):
+    import shutil
+
+    from biomass.data.source import load_train_data
+    from biomass.data.synthetic import generate
+    from biomass.errors import DataError
+
+    root = generate(tmp_path / "data", n_train=3, n_test=1, seed=0, width=64, height=32)
+    (root / "crops.csv").unlink()
+    cfg = load_experiment(REPO / "experiments/gold.yaml", [f"data.root={root}"]).config
+    with pytest.raises(DataError, match=f"python -m biomass.crops detect {root}"):
+        load_train_data(cfg)
+    shutil.rmtree(root)
+
+
+def test_bf16_weights_predict_close_to_fp32(tiny_run):
+    """`infer.weights_dtype: bfloat16` holds each fold model in half the memory; predictions stay close."""
+    from accelerate import Accelerator
+
+    from biomass.chain import every_fold, run_chain
+    from biomass.data.source import load_test_images
+
+    run_path, root = tiny_run
+    run = RunDir(run_path)
+    cfg = run.read_config()
+    _, images = load_test_images(cfg, root, need_boxes=False)
+    acc = Accelerator(cpu=True)
+    folds = [0, 1, 2]
+    fp32, _ = run_chain(acc, run, cfg, images, every_fold(folds, len(images)), every_fold(folds, len(images)))
+    cfg.infer.weights_dtype = "bfloat16"
+    bf16, _ = run_chain(acc, run, cfg, images, every_fold(folds, len(images)), every_fold(folds, len(images)))
+    assert not np.array_equal(fp32, bf16)
+    np.testing.assert_allclose(bf16, fp32, rtol=0.1, atol=0.5)
