@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -132,12 +133,7 @@ class Tracking:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.store_uri = mlflow.get_tracking_uri()
         self.server: TrackingServer | None = None
-        multi_node = options.executor == "ray" and options.address
-        if multi_node and not is_http(self.store_uri):
-            raise ConfigError(f"--executor ray --address {options.address}: children on other machines cannot write "
-                              f"to the local MLflow store {self.store_uri}; start an `mlflow server` every node can "
-                              "reach and set MLFLOW_TRACKING_URI=http://HOST:PORT (and keep --runs-dir on shared "
-                              "storage)")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the sweep prints its own links
         stop_leftover_server(saved.get("server_session"))
         self.uri = self.store_uri
         if options.parallel > 1 and is_local_store(self.store_uri):
@@ -198,6 +194,19 @@ def _save(sweep_dir: Path, saved: dict[str, Any]) -> None:
     tmp.replace(sweep_dir / SWEEP_FILE)
 
 
+def check_multi_node(options: SweepOptions, mlflow_on: bool) -> None:
+    """Children on other machines need a tracking server they can reach (and the runs dir on shared storage)."""
+    if options.executor != "ray" or not options.address or not mlflow_on:
+        return
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not is_http(uri):
+        raise ConfigError(f"--executor ray --address {options.address}: children on other machines cannot write to "
+                          f"the local MLflow store {uri}; start an `mlflow server` every node can reach and set "
+                          "MLFLOW_TRACKING_URI=http://HOST:PORT (and put --runs-dir on storage every node shares)")
+
+
 def load_request(sweep_dir: Path) -> dict[str, Any]:
     """What `--resume SWEEP_DIR` repeats: the files, base, overrides, seeds and launch args of the first start."""
     saved = _read(Path(sweep_dir) / SWEEP_FILE)
@@ -227,6 +236,8 @@ def run_sweep(files: list[Path], base: Path | None, overrides: list[str], seeds:
 
     for a in ablations:
         preflight(a)
+    mlflow_on = any(a.baseline.config.tracking.mlflow for a in ablations)
+    check_multi_node(options, mlflow_on)
     if resume is None:
         sweep_dir = stamped_dir(runs_dir)
         saved = {"files": [str(f.resolve()) for f in files], "base": str(base.resolve()) if base else None,
@@ -244,7 +255,7 @@ def run_sweep(files: list[Path], base: Path | None, overrides: list[str], seeds:
                              options.address)
     tracking = None
     try:
-        if any(a.baseline.config.tracking.mlflow for a in ablations):
+        if mlflow_on:
             tracking = Tracking(ablations, seeds, sweep_dir, options, experiment, saved)
         _save(sweep_dir, saved)
         shared = sum(len(c.uses) for c in children.values()) - len(children)
