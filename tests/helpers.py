@@ -47,9 +47,12 @@ class FakeExecutor:
             cmd = job.cmd
             tags = dict(cmd[j + 1].split("=", 1) for j, a in enumerate(cmd) if a == "--tag")
             run_dir = Path(cmd[cmd.index("--resume" if "--resume" in cmd else "--run-dir") + 1])
+            if "--resume" in cmd:  # biomass.run --resume takes no tags: what the first attempt was
+                tags = json.loads((run_dir / "fake.json").read_text())
             self.calls.append({"variant": tags.get("variant"), "seed": int(tags.get("seed", -1)), "cmd": cmd,
                                "env": job.env, "key": job.key, "resume": "--resume" in cmd})
             run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "fake.json").write_text(json.dumps(tags))
             job.folder.joinpath("child.err").write_text("error: boom\n" if self.fail else "")
             start = time.time()
             if self.fail:

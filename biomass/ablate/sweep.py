@@ -220,6 +220,8 @@ def run_sweep(files: list[Path], base: Path | None, overrides: list[str], seeds:
               resume: Path | None = None) -> int:
     """Run (or resume) a sweep; returns the number of failed children (after retries)."""
     options = options or SweepOptions()
+    if options.parallel < 1:
+        raise ConfigError(f"--parallel must be at least 1, got {options.parallel}")
     if resume is not None:
         sweep_dir = Path(resume).resolve()
         saved = load_request(sweep_dir)
