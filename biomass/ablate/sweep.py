@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from biomass.ablate.runner import Parent, child_command, read_result
 from biomass.ablate.spec import DEPLOYABLE, ORACLE, Ablation, describe, load_ablation
 from biomass.ablate.tracking_server import (UI_PORT, TrackingServer, is_http, is_local_store, stop_leftover_server,
                                             ui_links)
-from biomass.config.load import to_yaml
+from biomass.config.load import Experiment, to_yaml
 from biomass.config.schema import ExperimentConfig
 from biomass.errors import BiomassError, ConfigError
 from biomass.rundir import stamped_dir
@@ -240,6 +242,11 @@ def run_sweep(files: list[Path], base: Path | None, overrides: list[str], seeds:
         preflight(a)
     mlflow_on = any(a.baseline.config.tracking.mlflow for a in ablations)
     check_multi_node(options, mlflow_on)
+    from biomass.data.source import ensure_demo_data
+
+    for a in ablations:  # here, once: children starting together would generate the demo data over each other
+        for v in a.variants:
+            ensure_demo_data(Experiment(v.config, a.base, tuple(a.overrides)))
     if resume is None:
         sweep_dir = stamped_dir(runs_dir)
         saved = {"files": [str(f.resolve()) for f in files], "base": str(base.resolve()) if base else None,
@@ -253,6 +260,8 @@ def run_sweep(files: list[Path], base: Path | None, overrides: list[str], seeds:
         shutil.copyfile(a.path, out / "ablation.yaml")
         (out / "ablation.txt").write_text(describe(a, seeds) + "\n")
 
+    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() \
+        else None
     executor = make_executor(options.executor, options.parallel, options.child_gpus, options.child_cpus,
                              options.address)
     tracking = None
@@ -287,7 +296,13 @@ def run_sweep(files: list[Path], base: Path | None, overrides: list[str], seeds:
         if tracking is not None:
             tracking.close()
         executor.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return failed
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # a SIGTERM stops the children, Ray and the server as Ctrl-C does
 
 
 def _run_children(children: dict[str, Child], ablations: list[Ablation], tracking: Tracking | None,
