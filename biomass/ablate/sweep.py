@@ -351,7 +351,8 @@ def _run_children(children: dict[str, Child], ablations: list[Ablation], trackin
         result.duration_s = sum(a.get("duration_s", 0.0) for a in attempts) + (outcome.ended - outcome.spawned)
         attempts.append({"exit_code": outcome.exit_code, "status": result.status, "error": result.error,
                          "duration_s": round(outcome.ended - outcome.spawned, 2),
-                         "queued_s": round(outcome.spawned - outcome.submitted, 3), "where": outcome.where,
+                         "queued_s": round(outcome.spawned - outcome.submitted, 3), "submitted": outcome.submitted,
+                         "spawned": outcome.spawned, "where": outcome.where,
                          "resumed": "--resume" in job.cmd})
         (child.folder / ATTEMPTS).write_text(json.dumps(attempts, indent=1))
         m = result.metrics
