@@ -246,7 +246,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def _ablate(args: list[str], uri: str, cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "CI": "1"}
+    # PYTHONPATH: this checkout's biomass, not an installed one, in the sweep and in its children
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "CI": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "biomass.ablate", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
