@@ -1,5 +1,6 @@
-"""An ablation's comparison: one row per variant (mean ± std over seeds, Δ against the baseline paired by seed),
-as a CSV, a markdown table, a rich table, a Δ chart and summary.json."""
+"""An ablation's comparison: one row per variant (mean ± std over seeds, Δ against the baseline paired by seed, the
+paired bootstrap 95% CI of Δ and the claim's verdict), as a CSV, a markdown table, a rich table, a forest plot and
+summary.json; and the graveyard report of a whole sweep (every ablation's verdicts in one page and one plot)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from biomass.ablate.spec import BASELINE, DEPLOYABLE, ORACLE, Ablation, shown_changes
+from biomass.ablate.stats import CONFIRMED, CONTRADICTED, UNRESOLVED, compare_runs, forest_plot, verdict
 from biomass.constants import SHORT, TARGETS
 
 
@@ -75,6 +77,59 @@ def summarise(ablation: Ablation, results: list[RunResult]) -> list[dict[str, An
     return [rows[0], *rest]
 
 
+def add_intervals(ablation: Ablation, rows: list[dict[str, Any]], results: list[RunResult],
+                  n_boot: int = 2000) -> list[dict[str, Any]]:
+    """Each variant row gets the paired bootstrap 95% CI of Δ weighted R² against the baseline (images of the OOF
+    predictions, seeds paired and pooled: biomass.ablate.stats.compare_runs), on the deployable score when every
+    paired run has one, else the oracle; and the verdict on its claim direction."""
+    import pandas as pd
+
+    from biomass.data.table import read_train
+
+    runs: dict[str, dict[int, Path]] = {}
+    for r in results:
+        if r.status == "completed":
+            runs.setdefault(r.variant, {})[r.seed] = r.run_dir
+    for row in rows:
+        row.update({"ci_lo": None, "ci_hi": None, "ci_delta": None, "ci_score": None, "ci_note": "",
+                    "claim_direction": None if row["variant"] == BASELINE else ablation.direction(row["variant"]),
+                    "verdict": None})
+    if BASELINE not in runs or len(runs) < 2:
+        for row in rows[1:]:
+            row["ci_note"] = "no completed baseline" if BASELINE not in runs else "no completed variant"
+        return rows
+    data = ablation.baseline.config.data
+    wide = read_train(data.root, data.train_csv)
+    truth = pd.DataFrame({"image_id": wide["image_id"], **{t: wide[t] for t in TARGETS}})
+    by_variant = {c["variant"]: c for c in compare_runs(truth, runs, BASELINE, deployable=True, n_boot=n_boot)}
+    for row in rows:
+        c = by_variant.get(row["variant"])
+        if c is None:
+            continue
+        row.update({"ci_lo": c["ci_lo"], "ci_hi": c["ci_hi"], "ci_delta": c["delta"], "ci_score": c["score"],
+                    "ci_note": c["note"]})
+        if c["ci_lo"] is not None:
+            row["verdict"] = verdict(c["ci_lo"], c["ci_hi"], row["claim_direction"], ablation.margin)
+    return rows
+
+
+def overall_verdict(rows: list[dict[str, Any]]) -> str:
+    """The file's claim covers all its variants: confirmed when every variant confirms it, contradicted when any
+    contradicts it, else unresolved."""
+    verdicts = [r.get("verdict") for r in rows if r["variant"] != BASELINE]
+    if verdicts and all(v == CONFIRMED for v in verdicts):
+        return CONFIRMED
+    if any(v == CONTRADICTED for v in verdicts):
+        return CONTRADICTED
+    return UNRESOLVED
+
+
+def _ci(row: dict[str, Any]) -> str:
+    if row.get("ci_lo") is None:
+        return "—"
+    return f"[{row['ci_lo']:+.4f}, {row['ci_hi']:+.4f}]" + (" (oracle)" if row.get("ci_score") == "oracle" else "")
+
+
 def _fmt(mean: float | None, std: float | None = None, signed: bool = False) -> str:
     if mean is None:
         return "—"
@@ -86,7 +141,7 @@ def fmt_time(seconds: float | None) -> str:
     return "—" if seconds is None else str(dt.timedelta(seconds=round(seconds)))
 
 
-TABLE_COLUMNS = ("variant", "CV deployable", "CV oracle", "Δ deployable", "Δ oracle",
+TABLE_COLUMNS = ("variant", "CV deployable", "CV oracle", "Δ deployable", "Δ oracle", "Δ 95% CI", "verdict",
                  *(SHORT[t] for t in TARGETS), "time", "status")
 
 
@@ -95,14 +150,19 @@ def table_cells(row: dict[str, Any]) -> list[str]:
     return [row["variant"], "n/a (no aux)" if no_aux else _fmt(row["deployable"], row["deployable_std"]),
             _fmt(row["oracle"], row["oracle_std"]),
             _fmt(row["delta_deployable"], row["delta_deployable_std"], signed=True),
-            _fmt(row["delta_oracle"], row["delta_oracle_std"], signed=True),
+            _fmt(row["delta_oracle"], row["delta_oracle_std"], signed=True), _ci(row),
+            row.get("verdict") or ("—" if row["variant"] == BASELINE else "n/a"),
             *(_fmt(row[f"{t}_r2"]).replace("0.", ".", 1) if row[f"{t}_r2"] is not None else "—" for t in TARGETS),
             fmt_time(row["time_s"]), row["status"]]
 
 
 def notes(rows: list[dict[str, Any]], seeds: int) -> list[str]:
     out = ["Ranked by CV weighted R² deployable (aux-predicted NDVI/Height, as at test time); Δ = variant − "
-           "baseline" + (", paired by seed, mean ± std over seeds" if seeds > 1 else "") + "."]
+           "baseline" + (", paired by seed, mean ± std over seeds" if seeds > 1 else "") + ".",
+           "Δ 95% CI: paired bootstrap over images of the OOF predictions (seeds paired, pooled), on the deployable "
+           "score when every paired run has one, else the oracle; it covers which images were scored, not "
+           "training noise. Verdict: the claim direction of each variant (not_better / better / worse) judged on "
+           "that CI."]
     no_aux = [r["variant"] for r in rows if r["ranked_by"] == "oracle" and r["oracle"] is not None]
     if no_aux:
         out.append(f"No aux stage, so no deployable CV: {', '.join(no_aux)} ranked by the oracle CV (true "
@@ -116,7 +176,7 @@ def markdown_table(ablation: Ablation, rows: list[dict[str, Any]], seeds: int) -
 
     lines = [f"# Ablation `{ablation.name}`", ""]
     if ablation.claim:
-        lines += [f"Claim: {ablation.claim}", ""]
+        lines += [f"Claim: {ablation.claim} (overall verdict: {overall_verdict(rows)})", ""]
     lines += [f"Base: `{ablation.base}`; knobs: {', '.join(f'`{k}`' for k in ablation.knobs)}"
               + (f"; every run: `{' '.join(ablation.overrides)}`" if ablation.overrides else "")
               + (f"; {seeds} seeds" if seeds > 1 else ""), ""]
@@ -145,6 +205,8 @@ def print_table(ablation: Ablation, rows: list[dict[str, Any]], seeds: int) -> N
         cells = table_cells(row)
         if row["variant"] == BASELINE:
             cells[0] = f"[bold]{cells[0]}"
+        elif row.get("verdict") in (CONFIRMED, CONTRADICTED):
+            cells[6] = f"[{'green' if row['verdict'] == CONFIRMED else 'red'}]{cells[6]}"
         elif row["status"] != "completed":
             cells[-1] = f"[red]{cells[-1]}"
         table.add_row(*cells)
@@ -152,39 +214,13 @@ def print_table(ablation: Ablation, rows: list[dict[str, Any]], seeds: int) -> N
 
 
 def delta_plot(ablation: Ablation, rows: list[dict[str, Any]], seeds: int, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    variants = [r for r in rows if r["variant"] != BASELINE]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(variants) + 2), 3.6))
-    x = list(range(len(variants)))
-    width = 0.38
-    for offset, col, label, colour in ((-width / 2, "delta_deployable", "Δ CV weighted R² deployable", "tab:blue"),
-                                       (width / 2, "delta_oracle", "Δ CV weighted R² oracle", "tab:gray")):
-        values = [r[col] if r[col] is not None else 0.0 for r in variants]
-        errors = [r[f"{col}_std"] or 0.0 for r in variants] if seeds > 1 else None
-        ax.bar([i + offset for i in x], values, width, yerr=errors, capsize=3, label=label, color=colour)
-        for i, r in enumerate(variants):
-            if r[col] is None:
-                ax.annotate("n/a", (i + offset, 0), ha="center", va="bottom", fontsize=7)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(x, [r["variant"] for r in variants], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(f"variant − {BASELINE}")
-    base = rows[0]
-    ref = ", ".join(f"{label} {base[col]:.4f}" for col, label in (("deployable", "deployable"), ("oracle", "oracle"))
-                    if base[col] is not None)
-    ax.set_title(f"ablation {ablation.name}" + (f" (mean ± std over {seeds} seeds)" if seeds > 1 else "")
-                 + f"\n{BASELINE}: {ref or 'failed'}", fontsize=9)
-    if not variants:
-        ax.text(0.5, 0.5, "no variants", transform=ax.transAxes, ha="center")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    """The forest plot: each variant's Δ with its bootstrap CI and verdict."""
+    plotted = [{"variant": r["variant"], "delta": r["ci_delta"], "ci_lo": r["ci_lo"], "ci_hi": r["ci_hi"],
+                "verdict": r["verdict"], "note": r["ci_note"] or r["status"]} for r in rows if r["variant"] != BASELINE]
+    claim = f"{ablation.claim}; " if ablation.claim else ""
+    title = (f"ablation {ablation.name}: Δ weighted R² vs {BASELINE}, 95% CI" + (f", {seeds} seeds" if seeds > 1 else "")
+             + f"\n{claim}claim: " + ", ".join(sorted(set(ablation.directions.values()))))
+    return forest_plot(plotted, path, title[:200])
 
 
 def write_summary(ablation: Ablation, rows: list[dict[str, Any]], results: list[RunResult], seeds: int,
@@ -201,3 +237,50 @@ def write_summary(ablation: Ablation, rows: list[dict[str, Any]], results: list[
                   for r in results]).to_csv(files[2], index=False, float_format="%.6f")
     delta_plot(ablation, rows, seeds, files[3])
     return files
+
+
+# ------------------------------------------------------------------------------------------------------ graveyard
+GRAVEYARD_MD, GRAVEYARD_PNG, SUMMARY = "graveyard.md", "graveyard.png", "summary.json"
+
+
+def write_graveyard(sweep_dir: Path, ablation_names: list[str]) -> list[Path]:
+    """SWEEP_DIR/graveyard.md and graveyard.png from each ablation's summary.json: per ablation its claim and overall
+    verdict, per variant Δ ± CI, verdict, time and status. An ablation without a summary yet is listed as not run."""
+    import json
+
+    from biomass.errors import BiomassError
+
+    lines = [f"# Graveyard report: `{sweep_dir}`", "",
+             "Δ = variant − baseline in CV weighted R² (deployable when every paired run has an aux stage, else "
+             "oracle); 95% CI: paired bootstrap over images, seeds paired and pooled. Verdict: the claim judged on "
+             "the CI (`confirmed` / `contradicted` / `unresolved at this scale`).", ""]
+    plotted: list[dict[str, Any]] = []
+    for name in ablation_names:
+        path = sweep_dir / name / SUMMARY
+        if not path.is_file():
+            lines += [f"## `{name}`: not run", ""]
+            continue
+        try:
+            summary = json.loads(path.read_text())
+        except ValueError:
+            raise BiomassError(f"{path}: not readable JSON; rerun the sweep with --resume {sweep_dir}") from None
+        rows = summary["rows"]
+        lines += [f"## `{name}`: {overall_verdict(rows)}", "", f"Claim: {summary.get('claim') or '(none)'}", "",
+                  "| variant | claim | Δ | 95% CI | verdict | time | status |", "|---|---|---:|---:|---|---:|---|"]
+        for r in rows:
+            delta = r.get("ci_delta")
+            if delta is None:  # no CI: the mean Δ over seeds, if any
+                delta = r["delta_deployable"] if r["ranked_by"] == "deployable" else r["delta_oracle"]
+            lines.append(f"| {r['variant']} | {r.get('claim_direction') or ''} | "
+                         f"{_fmt(delta, signed=True) if r['variant'] != BASELINE else '—'} | {_ci(r)} | "
+                         f"{r.get('verdict') or '—'} | {fmt_time(r['time_s'])} | "
+                         f"{r['status'].replace('|', '/')} |")
+            if r["variant"] != BASELINE:
+                plotted.append({"ablation": name, "variant": r["variant"], "delta": r.get("ci_delta"),
+                                "ci_lo": r.get("ci_lo"), "ci_hi": r.get("ci_hi"), "verdict": r.get("verdict"),
+                                "note": r.get("ci_note") or r["status"]})
+        lines.append("")
+    md, png = sweep_dir / GRAVEYARD_MD, sweep_dir / GRAVEYARD_PNG
+    md.write_text("\n".join(lines))
+    forest_plot(plotted, png, f"graveyard: Δ weighted R² vs baseline, 95% CI ({sweep_dir.name})")
+    return [md, png]

@@ -7,28 +7,36 @@ and the variants, each a mapping of dotted config keys to values:
     claim: pure MSE, quantile, log and direct-R2 losses did not beat weighted SmoothL1
     base: ../experiments/gold.yaml     # relative to this file; --base replaces it
     knobs: [main.loss]
+    claim_direction: not_better        # optional: not_better (default) | better | worse, or one per variant
+    margin: 0.0                        # optional: practical-equivalence margin on Δ weighted R²
     variants:
       mse: {main.loss: {name: mse}}
 
 Every variant is merged onto the base with the config's own rules (biomass.config.load: a component whose `name`
 changes is replaced whole), validated, and compared with the base key by key. The unchanged base runs as
 `baseline`.
+
+`claim_direction` says what the claim predicts for Δ = variant − baseline (biomass.ablate.stats.verdict judges it
+from the bootstrap CI): `not_better` (the graveyard: the variant does not beat the baseline), `better` or `worse`;
+one value for every variant, or a mapping variant -> value.
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from biomass.config.load import (deep_merge, flatten, load_experiment_dict, load_yaml, nest_dotted, parse_overrides,
                                  resolve_paths, validate)
+from biomass.ablate.stats import CLAIMS
 from biomass.config.schema import ExperimentConfig
 from biomass.errors import ConfigError, suggest
 
 BASELINE = "baseline"
-ABLATION_KEYS = ("name", "claim", "base", "knobs", "variants")
+ABLATION_KEYS = ("name", "claim", "claim_direction", "margin", "base", "knobs", "variants")
+DEFAULT_DIRECTION = "not_better"  # the graveyard's claim: the variant does not beat the baseline
 ORACLE = "cv/weighted_r2"
 DEPLOYABLE = "cv/weighted_r2_deployable"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # safe in a folder name and an MLflow metric name
@@ -61,6 +69,11 @@ class Ablation:
     knobs: list[str]
     overrides: list[str]
     variants: list[Variant]  # the baseline first
+    directions: dict[str, str] = field(default_factory=dict)  # variant -> claim direction (not the baseline)
+    margin: float = 0.0
+
+    def direction(self, variant: str) -> str:
+        return self.directions.get(variant, DEFAULT_DIRECTION)
 
     @property
     def baseline(self) -> Variant:
@@ -98,6 +111,9 @@ def load_ablation(path: str | Path, base: str | Path | None = None, overrides: l
     claim = raw.get("claim")
     if claim is not None and not isinstance(claim, str):
         raise ConfigError(f"{where}: `claim` must be text, got {claim!r}")
+    margin = raw.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise ConfigError(f"{where}: `margin` must be a number in [0, 1) (a Δ of weighted R²), got {margin!r}")
     knobs = raw.get("knobs")
     if isinstance(knobs, str):
         knobs = [knobs]
@@ -153,7 +169,27 @@ def load_ablation(path: str | Path, base: str | Path | None = None, overrides: l
         if not any(in_knobs(k, [knob]) for k in known):
             leaves = sorted({k.rsplit(".", 1)[0] for k in known} | known)
             raise ConfigError(f"{where}: knob {knob!r} matches no config key{suggest(knob, leaves)}")
-    return Ablation(path.resolve(), name, claim, base_path, list(knobs), list(overrides), resolved)
+    directions = _directions(raw.get("claim_direction", DEFAULT_DIRECTION), [v.name for v in resolved[1:]], where)
+    return Ablation(path.resolve(), name, claim, base_path, list(knobs), list(overrides), resolved, directions,
+                    float(margin))
+
+
+def _directions(value: Any, variants: list[str], where: str) -> dict[str, str]:
+    """`claim_direction`: one direction for every variant, or a mapping variant -> direction (others: the default)."""
+    def check(d: Any, what: str) -> str:
+        if d not in CLAIMS:
+            raise ConfigError(f"{where}: {what} must be one of {', '.join(CLAIMS)}, got {d!r}"
+                              f"{suggest(str(d), CLAIMS)}")
+        return d
+
+    if isinstance(value, dict):
+        for key in value:
+            if key not in variants:
+                raise ConfigError(f"{where}: claim_direction names {key!r}, which is not a variant"
+                                  f"{suggest(str(key), variants)}")
+        return {v: check(value.get(v, DEFAULT_DIRECTION), f"claim_direction of {v!r}") for v in variants}
+    direction = check(value, "`claim_direction`")
+    return {v: direction for v in variants}
 
 
 # ------------------------------------------------------------------------------------------------------- display
@@ -182,6 +218,12 @@ def describe(ablation: Ablation, seeds: int = 1) -> str:
     lines = [f"ablation {ablation.name} ({ablation.path}): base {ablation.base}; knobs {', '.join(ablation.knobs)}"]
     if ablation.claim:
         lines.append(f"  claim: {ablation.claim}")
+    directions = sorted(set(ablation.directions.values()))
+    if directions:
+        each = (directions[0] if len(directions) == 1 else
+                ", ".join(f"{v} {d}" for v, d in ablation.directions.items()))
+        lines.append(f"  claim direction (Δ = variant − baseline): {each}"
+                     + (f", margin {ablation.margin:g}" if ablation.margin else ""))
     if ablation.overrides:
         lines.append(f"  every run: {' '.join(ablation.overrides)}")
     lines.append(f"  {BASELINE}: the base, unchanged")

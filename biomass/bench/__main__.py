@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m biomass.bench {loader,train,infer,order,ridge} [options] [--json]`.
+"""Benchmarks: `python -m biomass.bench {loader,train,infer,order,ridge,memory,sweep} [options] [--json]`.
 
 - `loader`: images/s per core (one thread, in-process) on 2000x1000 JPEGs for four pipelines: `decode` (cv2.imread
   alone, the limit), `seed` (the seed's order: full-resolution augmentation, A.Resize, float A.Normalize, ToTensorV2),
@@ -15,6 +15,8 @@
   800 rendered test images, GPU JPEG decode (biomass.bench.gpu).
 - `memory`: each stage's peak GPU memory at its real size and batch (fp32/bf16, with and without gradient
   checkpointing), estimated on the meta device, and which common GPUs fit training and fold-at-a-time inference.
+- `sweep`: 4 tiny children as one ablation sweep at --parallel 1 and 2 (local executor, and Ray when installed):
+  the wall-time ratio and the per-child overhead (process start, Ray task start).
 - `order`: how far each augmentation is from commuting with the resize, and how the resize attenuates pixel noise.
 
 `--json` prints exactly one JSON object on stdout; everything else goes to stderr. See docs/BENCHMARKS.md.
@@ -84,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     from biomass.bench.gpu import add_arguments
 
     add_arguments(p)
+    p = sub.add_parser("sweep", help="4 tiny children at --parallel 1 and 2: wall-time ratio, per-child overhead")
+    p.add_argument("--executor", action="append", choices=["local", "ray"],
+                   help="repeat for several (default: local, and ray when installed)")
+    p.add_argument("--work", type=Path, help="keep data and sweeps here (default: a temporary folder)")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("memory", help="peak GPU memory per stage (meta-device estimate) and which GPUs fit it")
     p.add_argument("experiment", type=Path)
     p.add_argument("overrides", nargs="*", help="key=value overrides for the experiment")
@@ -105,6 +112,26 @@ def main(argv: list[str] | None = None) -> int:
 
         r = experiment_memory(load_experiment(args.experiment, args.overrides).config)
         print(json.dumps(r, indent=1, default=float)) if args.json else print_report(r)
+        return 0
+
+    if args.cmd == "sweep":
+        from biomass.bench.sweep import sweep_bench
+
+        with tempfile.TemporaryDirectory() as tmp:
+            work = args.work or Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            r = {**sweep_bench(work, args.executor), "machine": machine()}
+        rows = []
+        for ex, v in r.items():
+            if ex == "machine":
+                continue
+            rows += [(f"{ex}: wall parallel 1 / 2 (s)", f"{v['parallel_1']['wall_s']:.1f} / {v['parallel_2']['wall_s']:.1f}"),
+                     (f"{ex}: speedup (goal >= 1.6)", fmt(v["speedup"])),
+                     (f"{ex}: process start per child (s, median)", fmt(v["parallel_2"]["process_start_s_median"]))]
+            if "task_start_s_median" in v["parallel_2"]:
+                rows.append((f"{ex}: Ray task start per child (s, median)",
+                             fmt(v["parallel_2"]["task_start_s_median"])))
+        emit(r, args.json, "sweep: 4 tiny children, --parallel 1 vs 2", rows)
         return 0
 
     if args.cmd == "loader":

@@ -246,7 +246,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def _ablate(args: list[str], uri: str, cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "CI": "1"}
+    # PYTHONPATH: this checkout's biomass, not an installed one, in the sweep and in its children
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "CI": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "biomass.ablate", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -288,7 +289,8 @@ def test_ablation_end_to_end_sqlite(tiny_data, tmp_path):
                     "main.folds.splitter.n_splits=2"], uri, tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # one run failed: the others still ran and reported
     assert "no_such_timm_model" in proc.stdout and "1 run failed" in proc.stderr
-    (out_dir,) = (tmp_path / "runs" / "tiny").iterdir()
+    (sweep_dir,) = (tmp_path / "runs").iterdir()  # layout: RUNS_DIR/<timestamp>/<ablation>/ (was <ablation>/<ts>)
+    out_dir = sweep_dir / "tiny"
     rows = {r["variant"]: r for r in json.loads((out_dir / "summary.json").read_text())["rows"]}
     assert rows["baseline"]["status"] == rows["mse"]["status"] == "completed"
     assert rows["broken"]["status"].startswith("failed") and "no_such_timm_model" in rows["broken"]["status"]
@@ -369,11 +371,14 @@ def test_ablation_end_to_end_mlflow_server(tiny_data, tmp_path, mlflow_server):
         assert {"cv/weighted_r2", "cv/weighted_r2_deployable"} <= set(child.data.metrics)
 
 
-def test_runner_seeds_commands_and_parent_without_training(tmp_path, monkeypatch):
-    """The runner's loop with a stand-in for the training process: run names, commands, written configs, the
-    parent run's metrics and artifacts, mean ± std over seeds, and a parent marked FAILED when every run failed."""
-    import biomass.ablate.runner as ablate
+def test_sweep_seeds_commands_and_parent_without_training(tmp_path, monkeypatch, tiny_data):
+    """The sweep's loop with a stand-in for the training processes: commands, written configs, seeds paired across
+    variants, the parent run's metrics (mean ± std, CI), tags and artifacts, and a parent marked FAILED when every
+    run failed. (Was a test of run_ablation, which the sweep replaced: children now live in children/<key>/.)"""
     from mlflow.tracking import MlflowClient
+    from helpers import FakeExecutor
+
+    import biomass.ablate.sweep as sweep
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -381,50 +386,42 @@ def test_runner_seeds_commands_and_parent_without_training(tmp_path, monkeypatch
     path = tmp_path / "fake.yaml"
     path.write_text(yaml.safe_dump({"name": "fake", "base": str(DEMO), "knobs": ["main.loss"],
                                     "variants": {"mse": {"main.loss": {"name": "mse"}}}}))
-    ablation = load_ablation(path, overrides=["seed=7"])
-    calls = []
-
-    def fake_run_one(result, cmd, log_dir, env, fail=False):
-        calls.append((result.run_dir.name, cmd, env))
-        score = {"baseline": 0.70, "mse": 0.65}[result.variant] + 0.01 * (result.seed - 7) ** 2
-        result.exit_code, result.duration_s = (1 if fail else 0), 2.0
-        if fail:
-            result.status, result.error = "failed", "exit 1: boom"
-        else:
-            result.status = "completed"
-            result.metrics = {"cv/weighted_r2": score, "cv/weighted_r2_deployable": score - 0.1,
-                              **{f"cv/{t}_r2": 0.5 for t in ("Dry_Green_g", "Dry_Dead_g", "Dry_Clover_g",
-                                                             "GDM_g", "Dry_Total_g")}}
-        return result
-
-    monkeypatch.setattr(ablate, "run_one", fake_run_one)
-    rows = ablate.run_ablation(ablation, seeds=2, runs_dir=tmp_path / "runs",
-                               launch_args=["--config_file", "accelerate_configs/cpu.yaml"])
-    assert [c[0] for c in calls] == ["baseline-seed7", "mse-seed7", "baseline-seed8", "mse-seed8"]
-    name, cmd, env = calls[3]
+    fake = FakeExecutor(tiny_data, {"baseline": 0.0, "mse": -0.3})
+    monkeypatch.setattr(sweep, "make_executor", lambda *a: fake)
+    options = sweep.SweepOptions(launch_args=["--config_file", "accelerate_configs/cpu.yaml"])
+    failed = sweep.run_sweep([path], None, ["seed=7", f"data.root={tiny_data}"], 2, tmp_path / "runs", options)
+    assert failed == 0
+    assert [(c["variant"], c["seed"]) for c in fake.calls] == [("baseline", 7), ("mse", 7), ("baseline", 8),
+                                                               ("mse", 8)]
+    cmd = fake.calls[3]["cmd"]
     i = cmd.index("accelerate.commands.launch")
     assert cmd[i + 1:i + 5] == ["--config_file", "accelerate_configs/cpu.yaml", "-m", "biomass.run"]
-    config_file = Path(cmd[i + 5])
-    written = yaml.safe_load(config_file.read_text())
+    written = yaml.safe_load(Path(cmd[i + 5]).read_text())
     assert written["seed"] == 8 and written["main"]["loss"]["name"] == "mse"
-    assert written["tracking"]["experiment"] == "fake" and env["MLFLOW_TRACKING_URI"] == uri
-    assert cmd[cmd.index("--run-dir") + 1].endswith("mse-seed8")
+    assert written["tracking"]["experiment"] == "fake" and fake.calls[3]["env"]["MLFLOW_TRACKING_URI"] == uri
+    assert Path(cmd[cmd.index("--run-dir") + 1]).parent.parent.name == "children"
     assert {"ablation=fake", "variant=mse", "seed=8"} <= {cmd[j + 1] for j, a in enumerate(cmd) if a == "--tag"}
-    mse = next(r for r in rows if r["variant"] == "mse")
-    assert mse["oracle"] == pytest.approx(0.655) and mse["oracle_std"] == pytest.approx(0.00707, 1e-3)
-    assert mse["delta_oracle"] == pytest.approx(-0.05) and mse["delta_oracle_std"] == pytest.approx(0.0)
+
+    (sweep_dir,) = (tmp_path / "runs").iterdir()
+    rows = {r["variant"]: r for r in json.loads((sweep_dir / "fake" / "summary.json").read_text())["rows"]}
+    mse = rows["mse"]
+    assert mse["oracle_std"] is not None and mse["delta_oracle"] < 0
+    assert mse["ci_lo"] < mse["ci_delta"] < mse["ci_hi"] < 0 and mse["verdict"] == "confirmed"  # not_better
 
     client = MlflowClient(tracking_uri=uri)
     parent_id = cmd[cmd.index("--parent-run-id") + 1]
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["seeds"] == "2"
-    assert parent.data.metrics["delta/mse/weighted_r2_deployable"] == pytest.approx(-0.05)
+    assert parent.data.tags["verdict"] == "confirmed" and parent.data.tags["verdict.mse"] == "confirmed"
+    assert parent.data.metrics["delta/mse/ci_hi"] == pytest.approx(mse["ci_hi"])
     assert "cv/mse/weighted_r2_std" in parent.data.metrics and "variant.mse" in parent.data.params
     assert {"comparison.csv", "comparison.md", "deltas.png"} <= {a.path for a in client.list_artifacts(parent_id)}
     assert "± " in (Path(parent.data.tags["runs_dir"]) / "comparison.md").read_text()
+    sweep_run = client.get_run(parent.data.tags["mlflow.parentRunId"])
+    assert sweep_run.data.tags["role"] == "sweep"
+    assert {"graveyard.md", "graveyard.png"} <= {a.path for a in client.list_artifacts(sweep_run.info.run_id)}
 
-    calls.clear()
-    monkeypatch.setattr(ablate, "run_one", lambda *a: fake_run_one(*a, fail=True))
-    rows = ablate.run_ablation(ablation, seeds=1, runs_dir=tmp_path / "runs")
-    assert all(r["status"].startswith("failed") for r in rows)
-    assert client.get_run(calls[0][1][calls[0][1].index("--parent-run-id") + 1]).info.status == "FAILED"
+    fake.fail = True
+    assert sweep.run_sweep([path], None, ["seed=1", f"data.root={tiny_data}"], 1, tmp_path / "runs2", options) == 2
+    parent_id = fake.calls[-1]["cmd"][fake.calls[-1]["cmd"].index("--parent-run-id") + 1]
+    assert client.get_run(parent_id).info.status == "FAILED"
