@@ -8,10 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from biomass.constants import IMAGENET_MEAN, IMAGENET_STD
-from biomass.registry import BACKBONES, HEADS, LOSSES, OPTIMIZERS, POOLINGS, SCHEDULERS, SPLITTERS, Registry
+from biomass.registry import (BACKBONES, FUSIONS, HEADS, LOSSES, OPTIMIZERS, POOLINGS, POSTS, SCHEDULERS, SPLITTERS,
+                              Registry)
 
 
 class RegistryRef:
@@ -78,7 +79,14 @@ class ModelConfig(Section):
     backbone: Component(BACKBONES)
     pooling: Component(POOLINGS)
     head: Component(HEADS)
-    views_merge: Literal["concat", "mean"] = "concat"  # image.layout=halves: join the two views' features
+    fusion: Component(FUSIONS) = {"name": "concat"}  # image.layout=halves: mix and join the two views (models.fusion)
+    views_merge: Literal["concat", "mean"] = "concat"  # deprecated alias: `mean` means fusion {name: mean}
+
+    @model_validator(mode="after")
+    def _views_merge_alias(self) -> ModelConfig:
+        if self.views_merge == "mean" and self.fusion.get("name") == "concat":
+            self.fusion = {"name": "mean"}
+        return self
 
 
 class TargetConfig(Section):
@@ -119,7 +127,16 @@ class InferConfig(Section):
     tta: list[Literal["none", "hflip", "vflip", "hvflip"]] = Field(["none", "hflip", "vflip"], min_length=1)
     fold_weights: Literal["uniform", "cv"] | list[float] = "uniform"
     mass_balance: bool = False  # project onto GDM = Green + Clover, Total = GDM + Dead
-    clip: bool = True  # clip predictions at 0 g (after the mass balance)
+    # post-processing steps in order, after mass_balance and before clip: [mass_balance, {clover_scale: 0.8}, ...]
+    post: list[Component(POSTS)] = []
+    clip: bool = True  # clip predictions at 0 g (after the mass balance and the post steps)
+
+    @field_validator("post", mode="before")
+    @classmethod
+    def _post_shorthand(cls, value: Any) -> Any:
+        from biomass.post import shorthand
+
+        return [shorthand(v) for v in value] if isinstance(value, list) else value
     batch_size: PositiveInt = 8
 
 

@@ -1,0 +1,159 @@
+"""The winning solutions' ideas as components (issue 18): view fusion, multi-layer features + multi_stat pooling,
+ratio and interval heads, EMA, layer-wise LR decay, frozen-head warm-up, LoRA/DoRA, stratified_group folds,
+post-processing steps. Each is built here on timm's tiny random-init models."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import biomass.components  # noqa: F401
+from biomass.config.load import load_experiment
+from biomass.data.scalers import Scaler
+from biomass.engine.build import build_stage_model
+from biomass.errors import ConfigError
+from biomass.models.model import TargetSpace
+from biomass.registry import BACKBONES, FUSIONS, HEADS, LOSSES, POOLINGS
+from biomass.stages import MAIN
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "experiments" / "demo.yaml"
+VIT = "{name: timm, model_name: test_vit, freeze_fraction: 0.0}"
+
+
+def main_stage(*overrides: str, size=(32, 32)):
+    exp = load_experiment(DEMO, ["data.root=/tmp/unused", f"main.image.size=[{size[0]},{size[1]}]",
+                                 f"main.model.backbone={VIT}", *overrides])
+    return exp.config.main
+
+
+def fitted(model, n=40, seed=0):
+    """Fit the model's target space on random grams, as fit_fold does."""
+    rng = np.random.default_rng(seed)
+    y = np.abs(rng.normal(20, 10, size=(n, 5)))
+    y[:, 3] = y[:, 0] + y[:, 2]
+    y[:, 4] = y[:, 3] + y[:, 1]
+    scaler = Scaler.fit(y)
+    model.target_space.fit(scaler, scaler.transform(y))
+    return scaler, y
+
+
+def images(b=2, h=32, w=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, 3, h, w), generator=g, dtype=torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- 1. views and fusion
+@pytest.mark.parametrize("node, width", [("{name: concat}", 2), ("{name: mean}", 1),
+                                         ("{name: cross_attention, heads: 4}", 2),
+                                         ("{name: cross_attention, over: pooled, heads: 4, merge: mean}", 1)])
+def test_fusions_build_on_halves(node, width):
+    cfg = main_stage("main.image.layout=halves", f"main.model.fusion={node}")
+    model, _ = build_stage_model(MAIN, cfg)
+    assert model.head.fusion[0].in_features == 64 * width + 128  # test_vit: 64 channels (gap); tabular 128
+    assert model(images(), torch.zeros(2, 2)).shape == (2, 5)
+
+
+def test_cross_attention_mixes_the_views_and_concat_does_not():
+    torch.manual_seed(0)
+    for node, mixes in (("{name: concat}", False), ("{name: cross_attention, heads: 4}", True)):
+        model, _ = build_stage_model(MAIN, main_stage("main.image.layout=halves", f"main.model.fusion={node}"))
+        model.eval()
+        a = images(1)
+        b = a.clone()
+        b[..., 32:] = 255 - b[..., 32:]  # change the right half only
+        with torch.no_grad():
+            fa, fb = model.features(a), model.features(b)
+        left_a, left_b = fa[:, :64], fb[:, :64]
+        assert torch.allclose(left_a, left_b, atol=1e-6) is not mixes, node
+
+
+def test_views_merge_is_a_deprecated_alias_of_fusion_mean():
+    cfg = main_stage("main.image.layout=halves", "main.model.views_merge=mean")
+    assert cfg.model.fusion == {"name": "mean"}
+    with pytest.raises(ConfigError, match="heads=3 must divide"):
+        FUSIONS.build("cross_attention", BACKBONES.build("timm", (32, 32), model_name="test_vit").spec, 64, heads=3)
+
+
+def test_fusion_works_for_a_dinov3_style_vit_with_registers():
+    cfg = main_stage("main.image.layout=halves", "main.model.fusion={name: cross_attention, heads: 4}",
+                     "main.model.backbone={name: timm, model_name: vit_small_patch16_dinov3, "
+                     "freeze_fraction: 0.0, model_kwargs: {depth: 2}}")
+    model, _ = build_stage_model(MAIN, cfg)
+    assert model.backbone.spec.num_prefix_tokens == 5
+    assert model(images(), torch.zeros(2, 2)).shape == (2, 5)
+
+
+# ------------------------------------------------------------------------------- 2. multi-layer features, multi_stat
+def test_out_indices_concatenate_the_blocks_tokens():
+    torch.manual_seed(0)
+    bb = BACKBONES.build("timm", (32, 32), model_name="test_vit", out_indices=(1, 3, 5)).eval()
+    assert bb.spec.layers == 3 and bb.spec.dim == 3 * 64
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = bb(x)
+        last = bb.model.forward_features(x)
+    assert tokens.shape == (2, 1 + 4, 192)
+    assert torch.allclose(tokens[..., 128:], last, atol=1e-5)  # block 5 + the final norm = forward_features
+
+
+def test_out_indices_on_a_cnn_pool_every_stage_to_the_last_grid():
+    bb = BACKBONES.build("timm", (64, 64), model_name="test_resnet", out_indices=(2, 3))
+    assert bb(torch.randn(1, 3, 64, 64)).shape == (1, bb.spec.grid[0] * bb.spec.grid[1], bb.spec.dim)
+
+
+def test_multi_stat_pooling_per_layer():
+    bb = BACKBONES.build("timm", (32, 32), model_name="test_vit", out_indices=(4, 5))
+    pool = POOLINGS.build("multi_stat", bb.spec)
+    assert pool.out_dim == 4 * 128
+    tokens = torch.randn(2, 5, 128)
+    out = pool(tokens)
+    patches = tokens[:, 1:]
+    gem = patches.clamp(min=1e-6).pow(3).mean(1).pow(1 / 3)
+    expected = torch.cat([patches.mean(1), patches.amax(1), patches.amin(1), gem], dim=1)
+    assert torch.allclose(out, expected, atol=1e-5)
+    with pytest.raises(ConfigError, match="median"):
+        POOLINGS.build("multi_stat", bb.spec, stats=("mean", "median"))
+
+
+# ---------------------------------------------------------------------------------------------------------- 3. heads
+def test_ratio_head_holds_the_mass_balance_by_construction():
+    torch.manual_seed(0)
+    model, _ = build_stage_model(MAIN, main_stage("main.model.head={name: ratio}"))
+    fitted(model)
+    model.eval()
+    with torch.no_grad():
+        grams = model.predict(images(4, 32, 32), torch.randn(4, 2)).double()
+    green, dead, clover, gdm, total = grams.unbind(1)
+    assert (grams >= 0).all()
+    assert torch.allclose(gdm, green + clover, atol=1e-3) and torch.allclose(total, gdm + dead, atol=1e-3)
+    with pytest.raises(ConfigError, match="five biomass targets"):
+        HEADS.build("ratio", 8, 0, 2, TargetSpace(2))
+
+
+def test_interval_head_and_ce_loss():
+    torch.manual_seed(0)
+    cfg = main_stage("main.model.head={name: interval_aux}",
+                     "main.loss={name: weighted_smooth_l1_ce, bins: 4, ce_weight: 0.5}")
+    model, loss = build_stage_model(MAIN, cfg)
+    scaler, y = fitted(model)
+    edges = model.target_space.bin_edges
+    assert edges.shape == (5, 3) and "target_space.bin_edges" in model.state_dict()  # checkpoints carry the bins
+    y_std = torch.as_tensor(scaler.transform(y), dtype=torch.float32)
+    counts = np.stack([np.bincount(loss.classes(y_std)[:, j].numpy(), minlength=4) for j in range(5)])
+    assert counts.min() >= 8 and counts.max() <= 12  # quantile bins: about 10 of 40 training rows each
+    raw = model(images(3, 32, 32), torch.randn(3, 2))
+    assert raw.shape == (3, 5 * 5)
+    target = y_std[:3]
+    out = raw.view(3, 5, 5)
+    w = torch.tensor([0.1, 0.1, 0.1, 0.2, 0.5])
+    ce = F.cross_entropy(out[..., 1:].reshape(-1, 4), loss.classes(target).reshape(-1), reduction="none").view(3, 5)
+    expected = (F.smooth_l1_loss(out[..., 0], target, reduction="none") * w).mean() + 0.5 * (ce * w).mean()
+    assert torch.allclose(loss(raw, target), expected, atol=1e-6)
+    assert torch.equal(loss.point(raw), out[..., 0])  # the regression output is what is scored
+    with pytest.raises(ConfigError, match="weighted_smooth_l1_ce"):
+        build_stage_model(MAIN, main_stage("main.model.head={name: interval_aux}"))
