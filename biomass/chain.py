@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -77,8 +78,16 @@ def uses_tabular(model: torch.nn.Module) -> bool:
 
 def load_fold_model(run: RunDir, stage: Stage, stage_cfg: StageConfig, fold: int, device: torch.device) -> FoldModel:
     meta = run.checkpoint_info(stage, fold)
-    model, _ = build_stage_model(stage, stage_cfg, load_weights=False)
-    load_checkpoint(model, run.checkpoint(stage, fold))
+    base = meta.get("base_weights")  # a PEFT checkpoint: adapters + head; the backbone from its weights file
+    if base is not None:
+        path = Path(base["path"])
+        if not path.is_file() or path.stat().st_size != base["bytes"]:
+            raise BiomassError(f"{run.checkpoint(stage, fold)}: a PEFT checkpoint on the base weights {path}, which "
+                               "is missing or not the file it trained on; put that file there")
+        stage_cfg = stage_cfg.model_copy(deep=True)
+        stage_cfg.model.backbone["weights"] = str(path)
+    model, _ = build_stage_model(stage, stage_cfg, load_weights=base is not None)
+    load_checkpoint(model, run.checkpoint(stage, fold), partial=base is not None)
     scalers = meta["scalers"]
     tabular = Scaler.from_dict(scalers["tabular"]) if "tabular" in scalers and uses_tabular(model) else None
     return FoldModel(fold, model.eval().to(device), tabular)

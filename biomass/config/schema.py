@@ -94,6 +94,14 @@ class TargetConfig(Section):
     activation: Literal["none", "scaled_sigmoid"] = "none"  # scaled_sigmoid: bounded by the training range
 
 
+class EmaConfig(Section):
+    """An exponential moving average of the weights (timm ModelEmaV3), updated after every optimizer step; the EMA
+    weights are what is evaluated, selected and saved."""
+
+    decay: float = Field(0.998, gt=0.0, lt=1.0)
+    warmup: bool = False  # timm's EMA warm-up: decay grows from 0 toward `decay` over the first steps
+
+
 class TrainConfig(Section):
     epochs: PositiveInt
     batch_size: PositiveInt  # global: split across processes
@@ -105,6 +113,8 @@ class TrainConfig(Section):
     val_loss_mean: Literal["image", "batch"] = "image"
     grad_clip: PositiveFloat | None = None
     grad_accum: PositiveInt = 1
+    ema: EmaConfig | None = None
+    warmup_frozen_epochs: int = Field(0, ge=0)  # the first N epochs train everything but the backbone (head warm-up)
 
 
 class StageConfig(Section):

@@ -74,8 +74,7 @@ def make_loader(reader: Reader, index: np.ndarray, tabular: np.ndarray, targets:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: StageConfig, device: torch.device) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]  # frozen tensors get no optimizer state
-    return OPTIMIZERS.build_node(cfg.optim, params, device)
+    return OPTIMIZERS.build_node(cfg.optim, model, device)  # the builder takes the trainable parameters
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: StageConfig):

@@ -42,11 +42,14 @@ class TargetSpace(nn.Module):
             q = np.quantile(standardised_train, np.arange(1, k) / k, axis=0).T  # (n, k-1)
             self.bin_edges.copy_(t(q))
 
+    def _log1p(self) -> bool:
+        return False if self.log1p.is_meta else bool(self.log1p)  # meta device (dry runs): shapes only
+
     def to_standard(self, values: torch.Tensor) -> torch.Tensor:
-        return standardise(values, self.mean, self.scale, bool(self.log1p))
+        return standardise(values, self.mean, self.scale, self._log1p())
 
     def to_original(self, values: torch.Tensor) -> torch.Tensor:
-        return unstandardise(values, self.mean, self.scale, bool(self.log1p))
+        return unstandardise(values, self.mean, self.scale, self._log1p())
 
 
 class BiomassModel(nn.Module):

@@ -157,3 +157,70 @@ def test_interval_head_and_ce_loss():
     assert torch.equal(loss.point(raw), out[..., 0])  # the regression output is what is scored
     with pytest.raises(ConfigError, match="weighted_smooth_l1_ce"):
         build_stage_model(MAIN, main_stage("main.model.head={name: interval_aux}"))
+
+
+# ---------------------------------------------------------------------------------------------- 4. training knobs
+def _batches(n=2, b=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"image": torch.randint(0, 256, (b, 3, 32, 32), generator=g, dtype=torch.uint8),
+             "tabular": torch.randn(b, 2, generator=g), "target": torch.randn(b, 5, generator=g)} for _ in range(n)]
+
+
+def test_layer_decay_scales_each_block_and_keeps_the_head_at_full_rate():
+    from biomass.engine.build import make_optimizer
+
+    cfg = main_stage("main.optim={name: adamw, lr: 1.0, weight_decay: 0.0, layer_decay: 0.5}")
+    model, _ = build_stage_model(MAIN, cfg)
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    blocks = model.backbone.model.blocks
+    lrs = [lr_of[id(blocks[i].attn.qkv.weight)] for i in range(len(blocks))]
+    assert all(a < b for a, b in zip(lrs, lrs[1:])) and lrs[-1] / lrs[-2] == pytest.approx(2.0)
+    assert lr_of[id(model.backbone.model.patch_embed.proj.weight)] < lrs[0]
+    assert all(lr_of[id(p)] == 1.0 for p in model.head.parameters())
+    assert len(lr_of) == sum(1 for p in model.parameters() if p.requires_grad)
+    plain = make_optimizer(model, main_stage(), torch.device("cpu"))
+    assert len(plain.param_groups) == 1  # off by default
+
+
+def test_ema_is_updated_every_step_and_warm_up_skips_the_backbone():
+    from accelerate import Accelerator
+
+    from biomass.engine.build import make_optimizer
+    from biomass.engine.loop import make_ema, train_one_epoch
+
+    torch.manual_seed(0)
+    cfg = main_stage("main.train.ema={decay: 0.5}", "main.optim={name: adamw, lr: 0.01, weight_decay: 0.1}")
+    model, loss = build_stage_model(MAIN, cfg)
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    ema = make_ema(model, cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    acc = Accelerator(cpu=True)
+    train_one_epoch(acc, model, _batches(1), loss, opt, cfg, ema=ema, skip=backbone)  # timm: 1st update copies
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    train_one_epoch(acc, model, _batches(1, seed=1), loss, opt, cfg, ema=ema, skip=backbone)
+    after = model.state_dict()
+    assert ema.steps == 2
+    for k, v in ema.module.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, 0.5 * first[k] + 0.5 * after[k], atol=1e-6), k
+    assert all(torch.equal(before[f"backbone.{n}"], p) for n, p in model.backbone.named_parameters())  # rested
+    assert not torch.equal(before["head.outputs.0.weight"], after["head.outputs.0.weight"])  # the head trained
+    assert make_ema(model, main_stage()) is None  # off by default
+
+
+# ------------------------------------------------------------------------------------------------------- 5. PEFT
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_peft_adapters_on_the_last_blocks_only(method):
+    bb = BACKBONES.build("timm", (32, 32), model_name="test_vit",
+                         peft={"method": method, "r": 2, "alpha": 4, "blocks": 2, "targets": ["qkv", "proj"]})
+    trainable = [n for n, p in bb.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert {int(n.split(".")[2]) for n in trainable} == {4, 5}  # test_vit has 6 blocks
+    assert any("magnitude" in n for n in trainable) is (method == "dora")
+    assert bb(torch.randn(1, 3, 32, 32)).shape == (1, 5, 64)
+    with pytest.raises(ConfigError, match="no linear or conv layer"):
+        BACKBONES.build("timm", (32, 32), model_name="test_vit", peft={"targets": ["nope"]})
+    with pytest.raises(ConfigError, match="peft freezes"):
+        BACKBONES.build("timm", (32, 32), model_name="test_vit", peft={}, freeze_fraction=0.5)
