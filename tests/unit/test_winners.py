@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import timm
 import torch
@@ -17,7 +18,7 @@ from biomass.data.scalers import Scaler
 from biomass.engine.build import build_stage_model
 from biomass.errors import ConfigError
 from biomass.models.model import TargetSpace
-from biomass.registry import BACKBONES, FUSIONS, HEADS, LOSSES, POOLINGS
+from biomass.registry import BACKBONES, FUSIONS, HEADS, LOSSES, POOLINGS, SPLITTERS
 from biomass.stages import MAIN
 
 REPO = Path(__file__).resolve().parents[2]
@@ -258,3 +259,44 @@ def test_winners_components_train_together_and_infer(synthetic_root, tmp_path, m
     assert meta["base_weights"]["path"] == str(base)
     assert any(".lora_" in k for k in state) and "head.inner.outputs.0.weight" in state
     assert not any(k.startswith("backbone.model.blocks.0.") for k in state)  # frozen base weights stay in the file
+
+
+# ------------------------------------------------------------------------------------------------------ 6. folds
+def _wide_labels():
+    t = pd.read_csv(REPO / "biomass" / "data" / "labels" / "csiro_train.csv")
+    wide = t.pivot_table(index=["image_path", "Sampling_Date", "State", "Species"], columns="target_name",
+                         values="target").reset_index()
+    return wide
+
+
+def test_stratified_group_keeps_groups_whole_and_beats_one_seed(capsys):
+    from biomass.data.folds import fold_balance
+
+    table = _wide_labels()
+    folds = SPLITTERS.build("stratified_group", n_splits=5, search=20)(table)
+    assert "balance" in capsys.readouterr().out
+    groups = table["State"].astype(str) + "|" + table["Sampling_Date"].astype(str)
+    assert (pd.Series(folds).groupby(groups.to_numpy()).nunique() == 1).all()  # no group straddles two folds
+    assert set(folds) == set(range(5))
+    y = table["Dry_Total_g"].to_numpy()
+    labels = np.searchsorted(np.quantile(y, [0.2, 0.4, 0.6, 0.8]), y, side="right")
+    one = SPLITTERS.build("stratified_group", n_splits=5, search=1)(table)
+    assert fold_balance(folds, labels, 5) <= fold_balance(one, labels, 5)
+    with pytest.raises(ConfigError, match="no column"):
+        SPLITTERS.build("stratified_group", target="nope")(table)
+
+
+# ------------------------------------------------------------------------------------------- 7. post-processing
+def test_post_steps_in_the_chain_and_the_shorthand():
+    from biomass.chain import ChainSettings, postprocess
+
+    cfg = load_experiment(DEMO, ["data.root=/tmp/unused",
+                                 "infer.post=[mass_balance, {clover_scale: 0.5}, {zero_below: 3.0}]"]).config
+    assert cfg.infer.post[1] == {"name": "clover_scale", "factor": 0.5, "rebalance": True}
+    pred = np.array([[10.0, 2.0, 4.0, 14.0, 16.0], [10.0, 5.0, 8.0, 18.0, 23.0]])
+    out = postprocess(pred, ChainSettings.of(cfg))
+    np.testing.assert_allclose(out[:, 2], [0.0, 4.0])  # clover halved, then 2 g < 3 g zeroed
+    np.testing.assert_allclose(out[1], [10.0, 5.0, 4.0, 14.0, 19.0])  # GDM and Total follow the clover removed
+    assert load_experiment(DEMO, ["data.root=/tmp/unused"]).config.infer.post == []  # off by default
+    with pytest.raises(ConfigError, match="post"):
+        load_experiment(DEMO, ["data.root=/tmp/unused", "infer.post=[{clover_scal: 0.5}]"])
