@@ -300,3 +300,23 @@ def test_post_steps_in_the_chain_and_the_shorthand():
     assert load_experiment(DEMO, ["data.root=/tmp/unused"]).config.infer.post == []  # off by default
     with pytest.raises(ConfigError, match="post"):
         load_experiment(DEMO, ["data.root=/tmp/unused", "infer.post=[{clover_scal: 0.5}]"])
+
+
+# ------------------------------------------------------------------------------------------------------ 8. recipes
+@pytest.mark.parametrize("place", ["first", "sixth", "ninth"])
+def test_recipes_equal_their_ablation_variant_and_build(place):
+    from biomass.ablate.spec import load_ablation
+
+    recipe = load_experiment(REPO / "experiments" / "recipes" / f"{place}_place.yaml", ["data.root=/tmp/x"]).config
+    ablation = load_ablation(REPO / "ablations" / "recipes.yaml", None, ["data.root=/tmp/x"])
+    variant = next(v for v in ablation.variants if v.name == f"{place}_place").config
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("name", "tracking")}  # noqa: E731
+    assert strip(recipe.dump()) == strip(variant.dump())
+    demo = load_ablation(REPO / "ablations" / "recipes.yaml", DEMO, ["main.image.size=[32,32]",
+                                                                     "aux.image.size=[32,32]"])
+    cfg = next(v for v in demo.variants if v.name == f"{place}_place").config
+    model, loss = build_stage_model(MAIN, cfg.main)  # the demo-scale recipe builds on the demo's CNN
+    h, w = cfg.main.image.size
+    out = model(torch.zeros(2, 3, h, w * (2 if cfg.main.image.layout == "halves" else 1), dtype=torch.uint8),
+                torch.zeros(2, 2))
+    assert out.shape == (2, 5 * loss.outputs_per_target)
