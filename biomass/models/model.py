@@ -72,7 +72,7 @@ class BiomassModel(nn.Module):
     def features(self, image: torch.Tensor) -> torch.Tensor:
         # uint8 travels to the device; normalising here costs the GPU nothing and the loader 4x less memory traffic
         x = (image.float() - self.pixel_mean) / self.pixel_std
-        if self.fusion is not None:  # (B, 3, H, 2W) -> both halves through the one backbone as a batch of 2B
+        if self.layout == "halves":  # (B, 3, H, 2W) -> both halves through the one backbone as a batch of 2B
             x = torch.cat(x.chunk(2, dim=3), dim=0)
             return self.fusion(self.pooling(self.fusion.mix_tokens(self.backbone(x))))
         return self.pooling(self.backbone(x))
