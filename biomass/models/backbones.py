@@ -264,8 +264,8 @@ PEFT_METHODS = ("lora", "dora")
 def add_adapters(model: nn.Module, method: str = "lora", r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  blocks: int | None = None, targets: tuple[str, ...] = ("qkv", "proj")) -> nn.Module:
     """LoRA / DoRA adapters (peft's LoraConfig, `use_dora` for DoRA) on the `targets` linear layers of the last
-    `blocks` transformer blocks (all blocks when None; a CNN: every Linear/Conv2d of those names). Returns the timm model with the adapters injected (peft's
-    base model, so timm's API stays); only adapter tensors require grad."""
+    `blocks` transformer blocks (all blocks when None; a CNN: every Linear/Conv2d of those names). Returns the timm
+    model with the adapters injected (peft's base model, so timm's API stays); only adapter tensors require grad."""
     if method not in PEFT_METHODS:
         raise ConfigError(f"model.backbone.peft.method: {method!r} is not one of {', '.join(PEFT_METHODS)}")
     try:

@@ -53,7 +53,8 @@ class TargetSpace(nn.Module):
 
 
 class BiomassModel(nn.Module):
-    """backbone -> [fusion: mix the views' tokens] -> pooling (per view) -> [fusion: join views] -> head (+ tabular) -> optional output activation.
+    """backbone -> [fusion: mix the views' tokens] -> pooling (per view) -> [fusion: join the views] -> head
+    (+ tabular) -> optional output activation.
 
     `point` picks the prediction from the raw outputs (the loss's choice: the median of quantile outputs, say), so
     `predict` returns point predictions in original units.
