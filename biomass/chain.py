@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ from biomass.engine.loop import gather_predictions
 from biomass.errors import BiomassError, ConfigError
 from biomass.models.heads import FusionHead
 from biomass.models.model import BiomassModel
+from biomass.post import project_mass_balance
+from biomass.registry import POSTS
 from biomass.rundir import RunDir
 from biomass.stages import AUX, MAIN, Stage
 
@@ -44,10 +47,12 @@ class ChainSettings:
     tta: tuple[str, ...]  # main-stage TTA views (the aux stage predicts without TTA, as the seed)
     mass_balance: bool
     clip: bool
+    post: tuple[dict, ...] = ()  # infer.post: post-processing steps (biomass.post), after mass_balance
 
     @classmethod
     def of(cls, cfg: ExperimentConfig) -> ChainSettings:
-        return cls(cfg.infer.crop, tuple(cfg.infer.tta), cfg.infer.mass_balance, cfg.infer.clip)
+        return cls(cfg.infer.crop, tuple(cfg.infer.tta), cfg.infer.mass_balance, cfg.infer.clip,
+                   tuple(cfg.infer.post))
 
     def crops(self, stage_cfg: StageConfig) -> bool:
         """Whether this stage's images are cropped to their boxes in the chain."""
@@ -74,8 +79,16 @@ def uses_tabular(model: torch.nn.Module) -> bool:
 def load_fold_model(run: RunDir, stage: Stage, stage_cfg: StageConfig, fold: int, device: torch.device,
                     dtype: torch.dtype = torch.float32) -> FoldModel:
     meta = run.checkpoint_info(stage, fold)
-    model, _ = build_stage_model(stage, stage_cfg, load_weights=False)
-    load_checkpoint(model, run.checkpoint(stage, fold))
+    base = meta.get("base_weights")  # a PEFT checkpoint: adapters + head; the backbone from its weights file
+    if base is not None:
+        path = Path(base["path"])
+        if not path.is_file() or path.stat().st_size != base["bytes"]:
+            raise BiomassError(f"{run.checkpoint(stage, fold)}: a PEFT checkpoint on the base weights {path}, which "
+                               "is missing or not the file it trained on; put that file there")
+        stage_cfg = stage_cfg.model_copy(deep=True)
+        stage_cfg.model.backbone["weights"] = str(path)
+    model, _ = build_stage_model(stage, stage_cfg, load_weights=base is not None)
+    load_checkpoint(model, run.checkpoint(stage, fold), partial=base is not None)
     scalers = meta["scalers"]
     tabular = Scaler.from_dict(scalers["tabular"]) if "tabular" in scalers and uses_tabular(model) else None
     model = model.eval().to(device=device, dtype=dtype)
@@ -161,15 +174,15 @@ def predict_stage(accelerator: Accelerator, run: RunDir, cfg: ExperimentConfig, 
 
 def mass_balance(pred: np.ndarray, weights=TARGET_WEIGHTS) -> np.ndarray:
     """Nearest predictions (in the metric's weighted norm) with GDM = Green + Clover, Total = Green + Dead + Clover."""
-    a = np.array([[1, 0, 1, -1, 0], [1, 1, 1, 0, -1]], dtype=np.float64)  # rows: constraints on TARGETS order
-    w_inv = np.diag(1.0 / np.asarray(weights))
-    correction = w_inv @ a.T @ np.linalg.solve(a @ w_inv @ a.T, a @ pred.T)
-    return pred - correction.T
+    return project_mass_balance(pred, weights)
 
 
 def postprocess(pred: np.ndarray, settings: ChainSettings) -> np.ndarray:
+    """infer.mass_balance, then the infer.post steps in order, then infer.clip: the one place this runs."""
     if settings.mass_balance:
         pred = mass_balance(pred)
+    for node in settings.post:
+        pred = POSTS.build_node(node)(pred)
     if settings.clip:
         pred = np.clip(pred, 0.0, None)
     return pred

@@ -119,3 +119,42 @@ def log_cosh(n_targets: int, /, *, weights: tuple[float, ...] | None = None) -> 
 def r2(n_targets: int, /, *, weights: tuple[float, ...] | None = None) -> nn.Module:
     """1 − weighted R² of the batch (one weighted mean, as the metric): direct R² optimisation (graveyard)."""
     return BatchR2(n_targets, weights)
+
+
+class SmoothL1WithBins(SmoothL1):
+    """SmoothL1 on the regression output + `ce_weight` x cross-entropy of a classifier over `bins` quantile bins per
+    target. Raw outputs are (B, T, 1 + bins): the regression output first (the prediction), then the bin logits. The
+    bin edges are the fold's training quantiles, fitted into the model's TargetSpace (buffers: checkpoints carry
+    them) and read from there (`bind`)."""
+
+    def __init__(self, n_targets: int, weights: Sequence[float] | None, beta: float, bins: int, ce_weight: float):
+        super().__init__(n_targets, weights, beta)
+        if bins < 2:
+            raise ConfigError(f"loss.bins must be at least 2, got {bins}")
+        self.bins, self.ce_weight, self.outputs_per_target = bins, ce_weight, 1 + bins
+        self._space: list[nn.Module] = []  # a plain list: the target space stays the model's, not a submodule
+
+    def bind(self, target_space: nn.Module) -> None:
+        self._space[:] = [target_space]
+
+    def point(self, raw):
+        return raw.view(raw.shape[0], -1, self.outputs_per_target)[..., 0]
+
+    def classes(self, target: torch.Tensor) -> torch.Tensor:
+        """(B, T) bin index of each standardised target."""
+        edges = self._space[0].bin_edges.to(target.device, torch.float32)
+        return (target.float().unsqueeze(-1) > edges.unsqueeze(0)).sum(dim=-1)
+
+    def forward(self, raw, target):
+        out = raw.float().view(raw.shape[0], -1, self.outputs_per_target)
+        regression = (self.elementwise(out[..., 0], target.float()) * self.weights).mean()
+        logits = out[..., 1:]
+        ce = F.cross_entropy(logits.reshape(-1, self.bins), self.classes(target).reshape(-1), reduction="none")
+        return regression + self.ce_weight * (ce.view_as(target) * self.weights).mean()
+
+
+@LOSSES.register("weighted_smooth_l1_ce")
+def weighted_smooth_l1_ce(n_targets: int, /, *, weights: tuple[float, ...] | None = None, beta: float = 1.0,
+                          bins: int = 7, ce_weight: float = 0.3) -> nn.Module:
+    """Weighted SmoothL1 + ce_weight x CE over per-fold quantile bins per target (1st place: 7 bins, weight .3)."""
+    return SmoothL1WithBins(n_targets, weights, beta, bins, ce_weight)

@@ -72,5 +72,8 @@ LOSSES = Registry("loss")
 OPTIMIZERS = Registry("optimizer")
 SCHEDULERS = Registry("scheduler")
 SPLITTERS = Registry("fold splitter")
+FUSIONS = Registry("fusion")
+POSTS = Registry("post-processing")
 
-ALL: dict[str, Registry] = {r.kind: r for r in (BACKBONES, POOLINGS, HEADS, LOSSES, OPTIMIZERS, SCHEDULERS, SPLITTERS)}
+ALL: dict[str, Registry] = {r.kind: r for r in (BACKBONES, POOLINGS, FUSIONS, HEADS, LOSSES, OPTIMIZERS, SCHEDULERS,
+                                                SPLITTERS, POSTS)}

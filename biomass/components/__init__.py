@@ -4,6 +4,8 @@ import biomass.data.folds  # noqa: F401
 import biomass.engine.optimizers  # noqa: F401
 import biomass.losses  # noqa: F401
 import biomass.models.backbones  # noqa: F401
+import biomass.models.fusion  # noqa: F401
 import biomass.models.heads  # noqa: F401
 import biomass.models.poolings  # noqa: F401
+import biomass.post  # noqa: F401
 import biomass.schedulers  # noqa: F401

@@ -224,6 +224,12 @@ def _check_components(model: BaseModel, prefix: tuple[str, ...]) -> None:
         registry = _registry_of(field)
         if registry is not None:
             setattr(model, key, validate_component(registry, value, ".".join((*prefix, key))))
+        elif typing.get_origin(field.annotation) is list and isinstance(value, list):  # a list of component nodes
+            (item,) = typing.get_args(field.annotation) or (None,)
+            inner = next((m.registry for m in getattr(item, "__metadata__", ()) if isinstance(m, RegistryRef)), None)
+            if inner is not None:
+                setattr(model, key, [validate_component(inner, v, f"{'.'.join((*prefix, key))}[{i}]")
+                                     for i, v in enumerate(value)])
         elif isinstance(value, BaseModel):
             _check_components(value, (*prefix, key))
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from biomass.constants import IMAGENET_MEAN, IMAGENET_STD
-from biomass.registry import BACKBONES, HEADS, LOSSES, OPTIMIZERS, POOLINGS, SCHEDULERS, SPLITTERS, Registry
+from biomass.registry import (BACKBONES, FUSIONS, HEADS, LOSSES, OPTIMIZERS, POOLINGS, POSTS, SCHEDULERS, SPLITTERS,
+                              Registry)
 
 
 class RegistryRef:
@@ -78,12 +79,27 @@ class ModelConfig(Section):
     backbone: Component(BACKBONES)
     pooling: Component(POOLINGS)
     head: Component(HEADS)
-    views_merge: Literal["concat", "mean"] = "concat"  # image.layout=halves: join the two views' features
+    fusion: Component(FUSIONS) = {"name": "concat"}  # image.layout=halves: mix and join the two views (models.fusion)
+    views_merge: Literal["concat", "mean"] = "concat"  # deprecated alias: `mean` means fusion {name: mean}
+
+    @model_validator(mode="after")
+    def _views_merge_alias(self) -> ModelConfig:
+        if self.views_merge == "mean" and self.fusion.get("name") == "concat":
+            self.fusion = {"name": "mean"}
+        return self
 
 
 class TargetConfig(Section):
     transform: Literal["standard", "log1p"] = "standard"  # log1p: log(1+y) then standardise
     activation: Literal["none", "scaled_sigmoid"] = "none"  # scaled_sigmoid: bounded by the training range
+
+
+class EmaConfig(Section):
+    """An exponential moving average of the weights (timm ModelEmaV3), updated after every optimizer step; the EMA
+    weights are what is evaluated, selected and saved."""
+
+    decay: float = Field(0.998, gt=0.0, lt=1.0)
+    warmup: bool = False  # timm's EMA warm-up: decay grows from 0 toward `decay` over the first steps
 
 
 class TrainConfig(Section):
@@ -97,6 +113,8 @@ class TrainConfig(Section):
     val_loss_mean: Literal["image", "batch"] = "image"
     grad_clip: PositiveFloat | None = None
     grad_accum: PositiveInt = 1
+    ema: EmaConfig | None = None
+    warmup_frozen_epochs: int = Field(0, ge=0)  # the first N epochs train everything but the backbone (head warm-up)
 
 
 class StageConfig(Section):
@@ -119,7 +137,16 @@ class InferConfig(Section):
     tta: list[Literal["none", "hflip", "vflip", "hvflip"]] = Field(["none", "hflip", "vflip"], min_length=1)
     fold_weights: Literal["uniform", "cv"] | list[float] = "uniform"
     mass_balance: bool = False  # project onto GDM = Green + Clover, Total = GDM + Dead
-    clip: bool = True  # clip predictions at 0 g (after the mass balance)
+    # post-processing steps in order, after mass_balance and before clip: [mass_balance, {clover_scale: 0.8}, ...]
+    post: list[Component(POSTS)] = []
+    clip: bool = True  # clip predictions at 0 g (after the mass balance and the post steps)
+
+    @field_validator("post", mode="before")
+    @classmethod
+    def _post_shorthand(cls, value: Any) -> Any:
+        from biomass.post import shorthand
+
+        return [shorthand(v) for v in value] if isinstance(value, list) else value
     batch_size: PositiveInt = 8
     weights_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: fold models held in half the memory
 

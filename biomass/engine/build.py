@@ -15,7 +15,7 @@ from biomass.config.schema import ExperimentConfig, StageConfig
 from biomass.data.images import EpochSampler, ImageDataset, Reader, build_augment
 from biomass.errors import ConfigError
 from biomass.models.model import BiomassModel, TargetSpace
-from biomass.registry import BACKBONES, HEADS, LOSSES, OPTIMIZERS, POOLINGS, SCHEDULERS
+from biomass.registry import BACKBONES, FUSIONS, HEADS, LOSSES, OPTIMIZERS, POOLINGS, SCHEDULERS
 from biomass.stages import Stage
 
 
@@ -42,12 +42,16 @@ def build_stage_model(stage: Stage, cfg: StageConfig, load_weights: bool = True
         backbone_node.update(weights=None, pretrained=False)
     backbone = BACKBONES.build_node(backbone_node, size)
     pooling = POOLINGS.build_node(cfg.model.pooling, backbone.spec)
-    views = 2 if cfg.image.layout == "halves" and cfg.model.views_merge == "concat" else 1
-    target_space = TargetSpace(n_targets)
-    head = HEADS.build_node(cfg.model.head, pooling.out_dim * views, len(stage.inputs),
-                            n_targets * loss.outputs_per_target, target_space)
+    fusion = (FUSIONS.build_node(cfg.model.fusion, backbone.spec, pooling.out_dim) if cfg.image.layout == "halves"
+              else None)
+    in_features = fusion.out_dim(pooling.out_dim) if fusion is not None else pooling.out_dim
+    target_space = TargetSpace(n_targets, bins=getattr(loss, "bins", 0))
+    head = HEADS.build_node(cfg.model.head, in_features, len(stage.inputs), n_targets * loss.outputs_per_target,
+                            target_space)
+    if hasattr(loss, "bind"):  # a loss that reads the fold's fitted values (interval bins) from the target space
+        loss.bind(target_space)
     model = BiomassModel(backbone, pooling, head, target_space, cfg.targets.activation, cfg.image.mean,
-                         cfg.image.std, cfg.image.layout, cfg.model.views_merge, loss.point)
+                         cfg.image.std, cfg.image.layout, fusion, loss.point)
     return model, loss
 
 
@@ -80,8 +84,7 @@ def make_loader(reader: Reader, index: np.ndarray, tabular: np.ndarray, targets:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: StageConfig, device: torch.device) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]  # frozen tensors get no optimizer state
-    return OPTIMIZERS.build_node(cfg.optim, params, device)
+    return OPTIMIZERS.build_node(cfg.optim, model, device)  # the builder takes the trainable parameters
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: StageConfig):

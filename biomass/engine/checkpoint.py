@@ -36,24 +36,46 @@ def read_json(path: Path, what: str = "file") -> dict[str, Any]:
     return data
 
 
-def save_checkpoint(model: torch.nn.Module, path: Path, meta: dict[str, Any]) -> None:
-    """safetensors weights + JSON metadata (scalers, epoch, scores), each written to a temp name then renamed."""
-    from safetensors.torch import save_model
+def frozen_backbone_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict keys of the backbone's frozen parameters: what a PEFT checkpoint leaves to the base weights file."""
+    return {f"backbone.{n}" for n, p in model.backbone.named_parameters() if not p.requires_grad}
+
+
+def save_checkpoint(model: torch.nn.Module, path: Path, meta: dict[str, Any], partial: bool = False) -> None:
+    """safetensors weights + JSON metadata (scalers, epoch, scores), each written to a temp name then renamed.
+
+    `partial` (PEFT runs with a base weights file): every tensor except the backbone's frozen parameters, i.e. the
+    adapters, pooling, fusion, head and buffers; `meta["base_weights"]` names the file the rest comes from."""
+    from safetensors.torch import save_file, save_model
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.safetensors")
-    save_model(model, str(tmp))  # handles the consistent head's shared buffers
+    if partial:
+        skip = frozen_backbone_keys(model)
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items() if k not in skip},
+                  str(tmp))
+    else:
+        save_model(model, str(tmp))  # handles the consistent head's shared buffers
     os.replace(tmp, path)
     write_json(path.with_suffix(".json"), meta)
 
 
-def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
-    """Load a fold checkpoint into a model built from the run's config; a file that does not fit is one error."""
+def load_checkpoint(model: torch.nn.Module, path: Path, partial: bool = False) -> None:
+    """Load a fold checkpoint into a model built from the run's config; a file that does not fit is one error.
+    `partial`: the model already holds the base weights; the file must supply every other tensor."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file, load_model
 
     try:
-        load_model(model, str(path))
+        if partial:
+            result = model.load_state_dict(load_file(str(path), device=str(next(model.parameters()).device)),
+                                           strict=False)
+            missing = set(result.missing_keys) - frozen_backbone_keys(model)
+            if missing or result.unexpected_keys:
+                raise RuntimeError(f"{len(missing)} missing (e.g. {sorted(missing)[:1]}), "
+                                   f"{len(result.unexpected_keys)} unexpected keys")
+        else:
+            load_model(model, str(path))
     except (RuntimeError, SafetensorError, OSError) as err:
         raise BiomassError(f"{path}: does not fit the run's config.yaml or is corrupt "
                            f"({str(err).splitlines()[0][:200]})") from None
@@ -72,7 +94,7 @@ def backbone_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-               progress: dict[str, Any]) -> None:
+               progress: dict[str, Any], ema=None) -> None:
     """Model, optimizer and scheduler state plus training progress: safetensors + JSON, no pickles. The JSON is
     written last, so a state whose JSON exists is complete (a kill mid-save leaves the previous epoch's JSON)."""
     from safetensors.torch import save_file, save_model
@@ -80,6 +102,9 @@ def save_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
     state_dir.mkdir(parents=True, exist_ok=True)
     epoch = progress["epoch"]
     save_model(model, str(state_dir / f"model-{epoch}.safetensors"))
+    if ema is not None:  # train.ema: the averaged weights and the warm-up clock resume too
+        save_model(ema.module, str(state_dir / f"ema-{epoch}.safetensors"))
+        progress = {**progress, "ema_steps": ema.steps}
     opt = optimizer.state_dict()
     tensors = {f"{pid}.{name}": value.detach().cpu().contiguous() for pid, st in opt["state"].items()
                for name, value in st.items() if isinstance(value, torch.Tensor)}
@@ -91,12 +116,17 @@ def save_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
             old.unlink(missing_ok=True)
 
 
-def load_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
+def load_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+               ema=None) -> dict:
     from safetensors.torch import load_file, load_model
 
     meta = read_json(state_dir / "progress.json", "saved training state")
     epoch = meta["progress"]["epoch"]
-    load_model(model, str(state_dir / f"model-{epoch}.safetensors"), device=str(next(model.parameters()).device))
+    device = str(next(model.parameters()).device)
+    load_model(model, str(state_dir / f"model-{epoch}.safetensors"), device=device)
+    if ema is not None:
+        load_model(ema.module, str(state_dir / f"ema-{epoch}.safetensors"), device=device)
+        ema.steps = meta["progress"].get("ema_steps", 0)
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in load_file(str(state_dir / f"optimizer-{epoch}.safetensors")).items():
         pid, name = key.split(".", 1)

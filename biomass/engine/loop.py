@@ -60,8 +60,28 @@ def fit_scalers(stage: Stage, cfg: StageConfig, table: pd.DataFrame, train_idx: 
     return scalers
 
 
+def peft_base_weights(cfg: StageConfig) -> str | None:
+    """The base weights file of a PEFT backbone (its checkpoints then hold only the trainable tensors); None for a
+    full checkpoint (no PEFT, or no weights file to refer to: random init or a hub download)."""
+    node = cfg.model.backbone
+    return node.get("weights") if node.get("peft") is not None and node.get("weights") else None
+
+
+def make_ema(model: torch.nn.Module, cfg: StageConfig):
+    """`train.ema`: timm's ModelEmaV3 of the (unwrapped) model, on its device; None when off."""
+    if cfg.train.ema is None:
+        return None
+    from timm.utils import ModelEmaV3
+
+    ema = ModelEmaV3(model, decay=cfg.train.ema.decay, use_warmup=cfg.train.ema.warmup)
+    ema.steps = 0  # optimizer steps so far: the warm-up's clock
+    return ema
+
+
 def train_one_epoch(accelerator: Accelerator, model, loader, loss_fn, optimizer, cfg: StageConfig,
-                    progress=None) -> float:
+                    progress=None, ema=None, skip: list[torch.nn.Parameter] = ()) -> float:
+    """One pass over the loader. `ema`: updated after every optimizer step. `skip`: parameters that do not step
+    this epoch (the backbone during `train.warmup_frozen_epochs`): their gradients are dropped before the step."""
     model.train()
     total = torch.zeros((), device=accelerator.device)
     steps = 0
@@ -78,8 +98,13 @@ def train_one_epoch(accelerator: Accelerator, model, loader, loss_fn, optimizer,
         if sync:
             if cfg.train.grad_clip:
                 accelerator.clip_grad_norm_(params, cfg.train.grad_clip)
+            for p in skip:
+                p.grad = None  # no gradient: AdamW/SGD leave the tensor and its state alone (no decay either)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.steps += 1
+                ema.update(unwrap(accelerator, model), step=ema.steps)
         total += loss.detach()  # stays on the device: no host sync inside the loop
         steps += 1
         if progress is not None:
@@ -178,8 +203,11 @@ def fit_fold(accelerator: Accelerator, *, stage: Stage, cfg: StageConfig, table,
     y_val = y_all[val_idx]
     progress_state: dict[str, Any] = {"epoch": -1, "best": None, "best_epoch": -1, "best_pred": None, "stale": 0,
                                       "history": []}
+    ema = make_ema(unwrap(accelerator, model), cfg)
+    # train.warmup_frozen_epochs: the backbone's trainable tensors sit out the first epochs (head warm-up)
+    warm = [p for p in unwrap(accelerator, model).backbone.parameters() if p.requires_grad]
     if state_dir is not None and (state_dir / "progress.json").is_file():  # resume after the last saved epoch
-        progress_state = load_state(state_dir, unwrap(accelerator, model), optimizer, scheduler)
+        progress_state = load_state(state_dir, unwrap(accelerator, model), optimizer, scheduler, ema)
     best, best_epoch, stale, history = (progress_state["best"], progress_state["best_epoch"], progress_state["stale"],
                                         progress_state["history"])
     best_pred = None if progress_state["best_pred"] is None else np.asarray(progress_state["best_pred"])
@@ -189,8 +217,13 @@ def fit_fold(accelerator: Accelerator, *, stage: Stage, cfg: StageConfig, table,
         torch.manual_seed(draw_seed(seed, fold, DROPOUT_STREAM, epoch))
         train_loader.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_one_epoch(accelerator, model, train_loader, loss_fn, optimizer, cfg, progress)
-        metrics, pred = evaluate(accelerator, model, val_loader, loss_fn, y_std[val_idx], y_val,
+        frozen = warm if epoch < cfg.train.warmup_frozen_epochs else []
+        if accelerator.num_processes == 1:  # no backward through a resting backbone (DDP keeps its grad hooks)
+            for p in warm:
+                p.requires_grad_(not frozen)
+        train_loss = train_one_epoch(accelerator, model, train_loader, loss_fn, optimizer, cfg, progress, ema, frozen)
+        scored = model if ema is None else ema.module  # with train.ema the EMA weights are evaluated and saved
+        metrics, pred = evaluate(accelerator, scored, val_loader, loss_fn, y_std[val_idx], y_val,
                                  scalers["targets"], stage, cfg)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(metrics["loss"])
@@ -210,13 +243,17 @@ def fit_fold(accelerator: Accelerator, *, stage: Stage, cfg: StageConfig, table,
                         "targets": list(stage.targets), "inputs": list(stage.inputs),
                         "scalers": {k: s.to_dict() for k, s in scalers.items()},
                         "train_images": int(len(train_idx)), "val_images": int(len(val_idx)), **(extra_meta or {})}
-                save_checkpoint(unwrap(accelerator, model), ckpt_path, meta)
+                base = peft_base_weights(cfg)
+                if base is not None:  # PEFT: adapters + head only; the base weights stay in their file
+                    meta["base_weights"] = {"path": str(base), "bytes": Path(base).stat().st_size}
+                save_checkpoint(unwrap(accelerator, model) if ema is None else ema.module, ckpt_path, meta,
+                                partial=base is not None)
         else:
             stale += 1
         if state_dir is not None and accelerator.is_main_process:
             save_state(state_dir, unwrap(accelerator, model), optimizer, scheduler,
                        {"epoch": epoch, "best": best, "best_epoch": best_epoch, "best_pred": best_pred.tolist(),
-                        "stale": stale, "history": history})
+                        "stale": stale, "history": history}, ema)
         accelerator.wait_for_everyone()
         if cfg.train.patience and stale >= cfg.train.patience:
             break

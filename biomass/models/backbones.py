@@ -75,9 +75,12 @@ class TimmBackbone(nn.Module):
     the leading blocks whose parameters are all frozen) runs under torch.no_grad(): same outputs and gradients, and
     autograd records nothing for it (`no_grad_modules` names those submodules)."""
 
-    def __init__(self, model: nn.Module, image_size: tuple[int, int], no_grad_prefix: bool = True):
+    def __init__(self, model: nn.Module, image_size: tuple[int, int], no_grad_prefix: bool = True,
+                 out_indices: tuple[int, ...] | None = None, intermediate_norm: bool = True):
         super().__init__()
         self.model = model
+        self.out_indices = list(out_indices) if out_indices else None
+        self.intermediate_norm = intermediate_norm
         self.no_grad_modules = frozen_prefix(model) if no_grad_prefix else []
         for name in self.no_grad_modules:
             hooks = _NoGrad()
@@ -88,14 +91,30 @@ class TimmBackbone(nn.Module):
         if self.is_vit:
             patch = model.patch_embed.patch_size
             patch = patch[0] if isinstance(patch, tuple) else patch
-            self.spec = FeatureSpec(model.num_features, model.num_prefix_tokens, patch,
-                                    (image_size[0] // patch, image_size[1] // patch))
+            layers = len(self.out_indices) if self.out_indices else 1
+            self.spec = FeatureSpec(model.num_features * layers, model.num_prefix_tokens, patch,
+                                    (image_size[0] // patch, image_size[1] // patch), layers)
         else:
             stride = model.feature_info[-1]["reduction"]
-            self.spec = FeatureSpec(model.num_features, 0, stride,
-                                    (math.ceil(image_size[0] / stride), math.ceil(image_size[1] / stride)))
+            grid = (math.ceil(image_size[0] / stride), math.ceil(image_size[1] / stride))
+            if self.out_indices:  # CNN stages: each map pooled to the last stage's grid, channels concatenated
+                info = model.feature_info
+                dims = [info[i]["num_chs"] for i in self.out_indices]
+                stride = max(info[i]["reduction"] for i in self.out_indices)
+                grid = (math.ceil(image_size[0] / stride), math.ceil(image_size[1] / stride))
+                self.spec = FeatureSpec(sum(dims), 0, stride, grid, len(dims))
+            else:
+                self.spec = FeatureSpec(model.num_features, 0, stride, grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out_indices:  # several blocks' tokens (prefix + patches), concatenated along channels
+            kw = dict(output_fmt="NLC", return_prefix_tokens=True, norm=self.intermediate_norm) if self.is_vit else {}
+            outs = self.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True, **kw)
+            if not self.is_vit:
+                grid = self.spec.grid
+                maps = [nn.functional.adaptive_avg_pool2d(m, grid) for m in outs]
+                return torch.cat(maps, dim=1).flatten(2).transpose(1, 2)
+            return torch.cat([torch.cat([prefix, patches], dim=1) for patches, prefix in outs], dim=2)
         out = self.model.forward_features(x)
         if out.ndim == 4:  # CNN map (B, C, H, W) -> tokens (B, H*W, C)
             out = out.flatten(2).transpose(1, 2)
@@ -203,9 +222,13 @@ def timm_backbone(image_size: tuple[int, int], /, *, model_name: str, pretrained
                   weights: Path | None = None, strict: bool = True, freeze_fraction: float = 0.0,
                   freeze_blocks: int | None = None, grad_checkpointing: bool = False,
                   drop_path_rate: float | None = None, no_grad_prefix: bool = True,
-                  model_kwargs: dict = {}) -> TimmBackbone:  # noqa: B006
+                  out_indices: tuple[int, ...] | None = None, intermediate_norm: bool = True,
+                  peft: dict | None = None, model_kwargs: dict = {}) -> TimmBackbone:  # noqa: B006
     """Any timm model by name, without classifier; weights from a local file (offline) or the hub if pretrained.
-    `no_grad_prefix`: run a ViT's frozen patch embedding and leading frozen blocks under torch.no_grad()."""
+    `no_grad_prefix`: run a ViT's frozen patch embedding and leading frozen blocks under torch.no_grad().
+    `out_indices`: tokens of these blocks (timm forward_intermediates; final norm applied when
+    `intermediate_norm`), concatenated along channels. `peft`: {method: lora|dora, r, alpha, dropout, blocks,
+    targets} adapters from the peft library; the backbone's own weights freeze."""
     if pretrained and weights:
         raise ConfigError("model.backbone: set either pretrained=true (download) or weights=PATH (local), not both")
     if not 0.0 <= freeze_fraction <= 1.0:
@@ -229,8 +252,51 @@ def timm_backbone(image_size: tuple[int, int], /, *, model_name: str, pretrained
         model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
     if weights:
         load_weights(model, Path(weights), strict, model_name)
-    freeze(model, freeze_fraction, freeze_blocks)
+    if peft is not None:
+        if freeze_fraction or freeze_blocks is not None:
+            raise ConfigError("model.backbone: peft freezes the whole backbone; drop freeze_fraction/freeze_blocks")
+        model = add_adapters(model, **peft)
+    else:
+        freeze(model, freeze_fraction, freeze_blocks)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
-    return TimmBackbone(model, tuple(image_size), no_grad_prefix)
+    return TimmBackbone(model, tuple(image_size), no_grad_prefix, out_indices, intermediate_norm)
+
+
+PEFT_METHODS = ("lora", "dora")
+
+
+def add_adapters(model: nn.Module, method: str = "lora", r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 blocks: int | None = None, targets: tuple[str, ...] = ("qkv", "proj")) -> nn.Module:
+    """LoRA / DoRA adapters (peft's LoraConfig, `use_dora` for DoRA) on the `targets` linear layers of the last
+    `blocks` transformer blocks (all blocks when None; a CNN: every Linear/Conv2d of those names). Returns the timm
+    model with the adapters injected (peft's base model, so timm's API stays); only adapter tensors require grad."""
+    if method not in PEFT_METHODS:
+        raise ConfigError(f"model.backbone.peft.method: {method!r} is not one of {', '.join(PEFT_METHODS)}")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("model.backbone.peft needs the peft library: pip install 'biomass[peft]'") from None
+    n_blocks = len(getattr(model, "blocks", []))
+    first = 0 if blocks is None else max(n_blocks - int(blocks), 0)
+
+    def wanted(name: str, module: nn.Module) -> bool:
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or name.rsplit(".", 1)[-1] not in set(targets):
+            return False
+        if not n_blocks:  # a CNN: every layer of that name (`blocks` counts transformer blocks only)
+            return True
+        return name.startswith("blocks.") and int(name.split(".")[1]) >= first
+
+    names = [n for n, m in model.named_modules() if wanted(n, m)]
+    if not names:
+        raise ConfigError(f"model.backbone.peft.targets: no linear or conv layer named {list(targets)}"
+                          + (f" in the last {n_blocks - first} blocks" if n_blocks else ""))
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
+                        use_dora=method == "dora", bias="none")
+    return get_peft_model(model, config).get_base_model()
+
+
+def is_adapter_key(name: str) -> bool:
+    """A state-dict key of a peft adapter tensor (LoRA A/B, DoRA magnitude)."""
+    return ".lora_" in name
 

@@ -36,10 +36,14 @@ class FusionHead(nn.Module):
         last = fusion_dims[-1] if fusion_dims else fused_in
         self.outputs = nn.ModuleList(nn.Linear(last, 1) for _ in range(n_outputs))
 
-    def forward(self, features: torch.Tensor, tabular: torch.Tensor | None = None) -> torch.Tensor:
+    def trunk(self, features: torch.Tensor, tabular: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused hidden vector ahead of the linear outputs."""
         if self.tabular is not None:
             features = torch.cat([features, self.tabular(tabular)], dim=1)
-        z = self.fusion(features)
+        return self.fusion(features)
+
+    def forward(self, features: torch.Tensor, tabular: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.trunk(features, tabular)
         return torch.cat([out(z) for out in self.outputs], dim=1)
 
 
@@ -108,3 +112,69 @@ def consistent(in_features: int, n_tabular: int, n_outputs: int, target_space: n
     inner = FusionHead(in_features, n_tabular, 3, tabular_dims if n_tabular else (), tabular_dropout if n_tabular
                        else (), fusion_dims, fusion_dropout)
     return ConsistentHead(inner, target_space)
+
+
+def _inner(in_features: int, n_tabular: int, n_outputs: int, tabular_dims, tabular_dropout, fusion_dims,
+           fusion_dropout) -> FusionHead:
+    """A FusionHead with or without its tabular branch (as the stage has NDVI/Height inputs or not)."""
+    return FusionHead(in_features, n_tabular, n_outputs, tabular_dims if n_tabular else (),
+                      tabular_dropout if n_tabular else (), fusion_dims, fusion_dropout)
+
+
+class RatioHead(nn.Module):
+    """Total (>= 0 g) times a softmax composition over Green, Dead, Clover; GDM = Green + Clover and Total = the sum
+    of the three, so the mass balance holds by construction. Outputs the five targets in the standardised space."""
+
+    def __init__(self, inner: FusionHead, target_space: nn.Module):
+        super().__init__()
+        self.inner, self.target_space = inner, target_space
+
+    def forward(self, features: torch.Tensor, tabular: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.inner(features, tabular).float()
+        total = nn.functional.softplus(z[:, 0]) * self.target_space.gram_scale[4]  # starts near the mean Total
+        green, dead, clover = (torch.softmax(z[:, 1:4], dim=1) * total.unsqueeze(1)).unbind(dim=1)
+        grams = torch.stack([green, dead, clover, green + clover, green + dead + clover], dim=1)
+        return self.target_space.to_standard(grams)
+
+
+@HEADS.register("ratio")
+def ratio(in_features: int, n_tabular: int, n_outputs: int, target_space: nn.Module, /, *,
+          tabular_dims: tuple[int, ...] = (64, 128), tabular_dropout: tuple[float, ...] = (0.3, 0.3),
+          fusion_dims: tuple[int, ...] = (512, 256), fusion_dropout: tuple[float, ...] = (0.4, 0.3)) -> nn.Module:
+    """Total x softmax(Green, Dead, Clover) ratios; GDM and Total derived (6th/9th places' composition heads)."""
+    if n_outputs != 5:
+        raise ConfigError("head `ratio` predicts the five biomass targets; use it in the main stage with a point loss")
+    return RatioHead(_inner(in_features, n_tabular, 4, tabular_dims, tabular_dropout, fusion_dims, fusion_dropout),
+                     target_space)
+
+
+class IntervalHead(nn.Module):
+    """The fusion trunk with one linear regression output per target plus a classifier over `bins` intervals per
+    target. Output (B, T * (1 + bins)) laid out as (B, T, [regression, bin logits...]), as the loss reads it."""
+
+    def __init__(self, inner: FusionHead, hidden: int, n_targets: int, bins: int):
+        super().__init__()
+        self.inner, self.n_targets, self.bins = inner, n_targets, bins
+        self.classifier = nn.Linear(hidden, n_targets * bins)
+
+    def forward(self, features: torch.Tensor, tabular: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.inner.trunk(features, tabular)
+        reg = torch.cat([out(z) for out in self.inner.outputs], dim=1).unsqueeze(-1)  # (B, T, 1)
+        logits = self.classifier(z).view(-1, self.n_targets, self.bins)
+        return torch.cat([reg, logits], dim=2).flatten(1)
+
+
+@HEADS.register("interval_aux")
+def interval_aux(in_features: int, n_tabular: int, n_outputs: int, target_space: nn.Module, /, *,
+                 tabular_dims: tuple[int, ...] = (64, 128), tabular_dropout: tuple[float, ...] = (0.3, 0.3),
+                 fusion_dims: tuple[int, ...] = (512, 256),
+                 fusion_dropout: tuple[float, ...] = (0.4, 0.3)) -> nn.Module:
+    """Regression outputs + an auxiliary interval classifier per target (1st place); pair it with the loss
+    `weighted_smooth_l1_ce`, which sets the number of bins and scores the regression outputs."""
+    n_targets = target_space.mean.numel()
+    bins = n_outputs // n_targets - 1
+    if n_outputs % n_targets or bins < 2 or not hasattr(target_space, "bin_edges"):
+        raise ConfigError("head `interval_aux` needs a loss with interval bins: loss {name: weighted_smooth_l1_ce}")
+    inner = _inner(in_features, n_tabular, n_targets, tabular_dims, tabular_dropout, fusion_dims, fusion_dropout)
+    hidden = fusion_dims[-1] if fusion_dims else inner.outputs[0].in_features
+    return IntervalHead(inner, hidden, n_targets, bins)

@@ -89,3 +89,41 @@ def gem(spec: FeatureSpec, /, *, p: float = 3.0, eps: float = 1e-6, learn_p: boo
 def hybrid_texture(spec: FeatureSpec, /) -> nn.Module:
     """HybridTexturePooling from the 4th-place writeup (graveyard): per-column means of a projected pixel map."""
     return HybridTexturePooling(spec)
+
+
+STATS = ("mean", "max", "min", "gem")
+
+
+class MultiStatPool(nn.Module):
+    """Several statistics of the patch tokens, per channel, concatenated: mean, max, min and GeM (p fixed). With a
+    multi-layer backbone (`out_indices`) the channels already hold every layer, so each layer gets every stat."""
+
+    def __init__(self, spec: FeatureSpec, stats: tuple[str, ...], p: float, eps: float):
+        super().__init__()
+        self.skip, self.stats, self.p, self.eps = spec.num_prefix_tokens, tuple(stats), float(p), eps
+        self.out_dim = spec.dim * len(self.stats)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = tokens[:, self.skip:]
+        out = []
+        for stat in self.stats:
+            if stat == "mean":
+                out.append(x.mean(dim=1))
+            elif stat == "max":
+                out.append(x.amax(dim=1))
+            elif stat == "min":
+                out.append(x.amin(dim=1))
+            else:  # gem
+                g = x.float().clamp(min=self.eps).pow(self.p).mean(dim=1).pow(1.0 / self.p)
+                out.append(g.to(x.dtype))
+        return torch.cat(out, dim=1)
+
+
+@POOLINGS.register("multi_stat")
+def multi_stat(spec: FeatureSpec, /, *, stats: tuple[str, ...] = STATS, p: float = 3.0,
+               eps: float = 1e-6) -> nn.Module:
+    """Mean, max, min and GeM over patch tokens, concatenated, for one or several layers (13th place)."""
+    bad = [s for s in stats if s not in STATS]
+    if bad or not stats:
+        raise ConfigError(f"model.pooling.stats: {bad or 'none'} not among {', '.join(STATS)}")
+    return MultiStatPool(spec, stats, p, eps)

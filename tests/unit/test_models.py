@@ -245,6 +245,8 @@ def _pool(name: str, spec: FeatureSpec) -> nn.Module:
 
 
 def _expected_dim(name: str, spec: FeatureSpec) -> int:
+    if name == "multi_stat":
+        return 4 * spec.dim  # mean, max, min, GeM
     return 2 * spec.grid[1] * spec.patch_size if name == "hybrid_texture" else spec.dim
 
 
@@ -407,16 +409,21 @@ def test_head_shapes(name, n_tabular):
             _head(name, 32, 0)
         return
     torch.manual_seed(0)
-    head = _head(name, 32, n_tabular)
+    width = 5
+    if name == "interval_aux":  # 5 regression outputs + 3 bin logits per target, bins in the target space
+        width = 20
+        head = HEADS.get(name)(32, n_tabular, width, TargetSpace(5, bins=3))
+    else:
+        head = _head(name, 32, n_tabular)
     feats = torch.randn(4, 32, requires_grad=True)
     tab = torch.randn(4, n_tabular) if n_tabular else None
     out = head(feats, tab)
-    assert out.shape == (4, 5) and torch.isfinite(out).all()
+    assert out.shape == (4, width) and torch.isfinite(out).all()
     out.sum().backward()
     assert feats.grad is not None and feats.grad.abs().sum() > 0
     head.eval()
     with torch.no_grad():
-        assert head(feats[:1], tab[:1] if tab is not None else None).shape == (1, 5)
+        assert head(feats[:1], tab[:1] if tab is not None else None).shape == (1, width)
 
 
 @pytest.mark.parametrize("name", ["fusion", "image_only", "aux_mlp"])
@@ -482,6 +489,8 @@ def test_consistent_head_starts_at_the_component_means():
 @pytest.mark.parametrize("n_targets", [5, 2])
 def test_loss_finite_scalar_with_gradient(name, n_targets):
     loss = LOSSES.build(name, n_targets)
+    if hasattr(loss, "bind"):  # interval bins come from the model's target space (build_stage_model binds it)
+        loss.bind(TargetSpace(n_targets, bins=loss.bins))
     k = loss.outputs_per_target
     torch.manual_seed(0)
     raw = torch.randn(6, n_targets * k, requires_grad=True)
