@@ -19,6 +19,7 @@ from biomass.ablate.spec import BASELINE, DEPLOYABLE, ORACLE, Ablation, describe
 from biomass.config.load import to_yaml
 from biomass.config.schema import ExperimentConfig
 from biomass.errors import BiomassError, ConfigError
+from biomass.places import require_writable
 from biomass.rundir import stamped_dir
 
 # ---------------------------------------------------------------------------------------------------------- running
@@ -114,15 +115,16 @@ class Parent:
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        from biomass.tracking import git_state
+        from biomass.tracking import git_state, store_lock
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.uri = mlflow.get_tracking_uri()
         self.client = MlflowClient(tracking_uri=self.uri)
         experiment = ablation.baseline.config.tracking.experiment or ablation.name
         try:
-            found = self.client.get_experiment_by_name(experiment)
-            exp_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            with store_lock(self.uri):  # the store is created on first use: one process at a time
+                found = self.client.get_experiment_by_name(experiment)
+                exp_id = found.experiment_id if found else self.client.create_experiment(experiment)
             tags = {"ablation": ablation.name, "knobs": ", ".join(ablation.knobs), "base": str(ablation.base),
                     "ablation_file": str(ablation.path), "seeds": str(seeds), "runs_dir": str(out_dir),
                     "overrides": " ".join(ablation.overrides)[:5000], "role": "ablation",
@@ -174,6 +176,11 @@ class Parent:
 def run_ablation(ablation: Ablation, seeds: int = 1, runs_dir: Path = Path("runs/ablations"),
                  launch_args: list[str] | None = None) -> list[dict[str, Any]]:
     """Train every variant (x seeds) as its own process; returns the summary rows (also printed and logged)."""
+    require_writable(runs_dir, "--runs-dir")
+    if ablation.baseline.config.tracking.mlflow:
+        from biomass.tracking import check_store, tracking_uri
+
+        check_store(tracking_uri())
     out_dir = stamped_dir(runs_dir / ablation.name)
     shutil.copyfile(ablation.path, out_dir / "ablation.yaml")
     (out_dir / "ablation.txt").write_text(describe(ablation, seeds) + "\n")

@@ -92,15 +92,28 @@ def save_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 
 def load_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
+    """The saved per-epoch state; a truncated, empty or foreign file is one error naming it and the way out."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, load_model
 
+    fix = f"delete {state_dir} to restart this fold from its first epoch"
     meta = read_json(state_dir / "progress.json", "saved training state")
-    epoch = meta["progress"]["epoch"]
-    load_model(model, str(state_dir / f"model-{epoch}.safetensors"), device=str(next(model.parameters()).device))
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(str(state_dir / f"optimizer-{epoch}.safetensors")).items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
+    try:
+        epoch = int(meta["progress"]["epoch"])
+        param_groups, scheduler_state = meta["param_groups"], meta["scheduler"]
+    except (KeyError, TypeError, ValueError):
+        raise BiomassError(f"{state_dir / 'progress.json'}: saved training state is incomplete; {fix}") from None
+    current = state_dir / f"model-{epoch}.safetensors"
+    try:
+        load_model(model, str(current), device=str(next(model.parameters()).device))
+        current = state_dir / f"optimizer-{epoch}.safetensors"
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in load_file(str(current)).items():
+            pid, name = key.split(".", 1)
+            state.setdefault(int(pid), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+        scheduler.load_state_dict(scheduler_state)
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as err:
+        raise BiomassError(f"{current}: saved training state cannot be read "
+                           f"({' '.join(str(err).split())[:150]}); {fix}") from None
     return meta["progress"]
