@@ -237,7 +237,35 @@ def _check_augmentations(cfg: ExperimentConfig) -> None:
         if stage is None:
             continue
         for split in ("train", "val"):
-            build_augment(getattr(stage.augment, split), key=f"{stage_name}.augment.{split}")
+            specs = getattr(stage.augment, split)
+            build_augment(specs, key=f"{stage_name}.augment.{split}")
+            _check_augment_shapes(specs, stage, f"{stage_name}.augment.{split}")
+
+
+def _check_augment_shapes(specs: list[dict[str, Any]], stage: Any, key: str) -> None:
+    """Each transform, forced to apply (p=1), on a blank image of the stage's input shape: it must run and keep the
+    shape, since the images of a batch are stacked (RandomRotate90 on a non-square input, say `halves`, would turn
+    some of them and crash the first training step)."""
+    import numpy as np
+
+    from biomass.data.images import build_augment
+
+    h, w = stage.image.size
+    width = 2 * w if stage.image.layout == "halves" else w
+    blank = np.zeros((h, width, 3), np.uint8)
+    for i, spec in enumerate(specs):
+        name = spec.get("name")
+        try:
+            out = build_augment([{**spec, "p": 1.0}], key=f"{key}[{i}]")(image=blank)["image"]
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the transform's own complaint about this input
+            raise ConfigError(f"config key '{key}[{i}]': {name} fails on the stage's {h}x{width} input "
+                              f"({' '.join(str(err).split())[:200]})") from None
+        if out.shape != blank.shape:
+            raise ConfigError(f"config key '{key}[{i}]': {name} turns the stage's {h}x{width} input (image.size "
+                              f"{[h, w]}, layout {stage.image.layout}) into {out.shape[0]}x{out.shape[1]}; the "
+                              "images of a batch must keep one shape: drop it or make the input square")
 
 
 # ------------------------------------------------------------------------------------------------------- cross-key
