@@ -142,10 +142,15 @@ class RunDir:
     def read_config(self) -> ExperimentConfig:
         from biomass.config.load import load_yaml, validate
 
+        path = self.path / CONFIG
+        if path.is_file() and path.stat().st_size == 0:
+            raise BiomassError(f"{path}: the run's config is empty; the run directory is damaged: retrain")
         try:
-            return validate(load_yaml(self.path / CONFIG))
+            return validate(load_yaml(path))
         except ConfigError as err:
-            raise BiomassError(f"{self.path / CONFIG}: not a valid biomass config ({err})") from None
+            why = "; ".join(str(err).splitlines()[:3])
+            raise BiomassError(f"{path}: not a valid biomass config, truncated or foreign ({why}); the run "
+                               "directory is damaged: retrain") from None
 
     # -------------------------------------------------------------------------------------------------- folds
     def write_folds(self, table: pd.DataFrame, fold_ids: dict[Stage, np.ndarray]) -> None:
@@ -165,6 +170,13 @@ class RunDir:
                                "the run directory is damaged: retrain") from None
         if df.empty or "image_path" not in df.columns:
             raise BiomassError(f"{path}: empty or without an image_path column; the run directory is damaged")
+        for col in ["image_path", *(c for c in df.columns if c.endswith("_fold"))]:
+            values = df[col]
+            bad = values.isna() | (False if col == "image_path" else
+                                   pd.to_numeric(values, errors="coerce").pipe(lambda v: v.isna() | (v % 1 != 0)))
+            if bad.any():
+                raise BiomassError(f"{path}: row {int(np.flatnonzero(bad)[0]) + 2} has no valid {col!r} (truncated or "
+                                   "edited); the run directory is damaged: retrain")
         return df
 
     def fold_ids(self, stage: Stage) -> np.ndarray:

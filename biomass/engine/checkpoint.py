@@ -21,16 +21,15 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: Path, what: str = "file") -> dict[str, Any]:
-    """A JSON object from `path`; a missing, truncated or foreign file is one error naming it."""
+def read_json(path: Path, what: str = "file", fix: str = "retrain or restore it") -> dict[str, Any]:
+    """A JSON object from `path`; a missing, truncated or foreign file is one error naming it and `fix`."""
     path = Path(path)
     if not path.is_file():
         raise BiomassError(f"{path}: {what} is missing")
     try:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise BiomassError(f"{path}: {what} is not valid JSON (truncated or corrupt: {err}); "
-                           "retrain or restore it") from None
+        raise BiomassError(f"{path}: {what} is not valid JSON (truncated or corrupt: {err}); {fix}") from None
     if not isinstance(data, dict):
         raise BiomassError(f"{path}: {what} is not a JSON object; it was not written by biomass")
     return data
@@ -97,7 +96,7 @@ def load_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
     from safetensors.torch import load_file, load_model
 
     fix = f"delete {state_dir} to restart this fold from its first epoch"
-    meta = read_json(state_dir / "progress.json", "saved training state")
+    meta = read_json(state_dir / "progress.json", "saved training state", fix)
     try:
         epoch = int(meta["progress"]["epoch"])
         param_groups, scheduler_state = meta["param_groups"], meta["scheduler"]

@@ -261,7 +261,7 @@ def test_force_removes_only_the_named_runs_outputs(tmp_path):
             (folder / name).write_text("{}")
     RunDir.create("demo", run, force=True)
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
-    assert len(list(sibling.rglob("*"))) == 6  # untouched
+    assert len(list(sibling.rglob("*"))) == 7  # untouched: 6 files and main/fold0/
 
 
 # ------------------------------------------------------------------------------------------ kills, resumes
