@@ -201,6 +201,7 @@ def test_ablation_runs_dir_unwritable(data, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- concurrency
+@pytest.mark.slow
 def test_two_default_runs_started_at_once_share_nothing_but_the_store(data, tmp_path):
     """Default run directories (runs/<name>/<timestamp>) in one working directory and one new MLflow SQLite store:
     both complete, into two directories, and the store holds both runs."""
@@ -295,6 +296,7 @@ def test_training_killed_at_a_random_point_resumes(data, tmp_path, sig, seed):
     assert not (run / "state").exists() or not any((run / "state").rglob("*.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0])
 def test_inference_killed_at_a_random_point_leaves_no_partial_submission(trained, data, tmp_path, seed):
     out = tmp_path / "s.csv"
