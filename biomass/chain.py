@@ -128,9 +128,11 @@ def stage_reader(images: ImageSet, cfg: ExperimentConfig, stage_cfg: StageConfig
 def predict_stage(accelerator: Accelerator, run: RunDir, cfg: ExperimentConfig, stage: Stage, reader: Reader,
                   n_images: int, assignment: Assignment, tabular: np.ndarray | None = None,
                   tta: Sequence[str] = ("none",), weights: dict[int, float] | None = None,
-                  batch_size: int | None = None, progress=None) -> np.ndarray:
+                  batch_size: int | None = None, progress=None, check_finite: bool = False,
+                  image_names: Sequence[str] = ()) -> np.ndarray:
     """(n_images, n_targets) predictions in original units: each row the weighted mean over the fold models
-    assigned to it (NaN where none is). `tabular`: NDVI/Height in original units for a stage that reads them."""
+    assigned to it (NaN where none is). `tabular`: NDVI/Height in original units for a stage that reads them.
+    `check_finite`: a fold model that predicts NaN or inf for any image is an error naming it (test time)."""
     stage_cfg = stage.config(cfg)
     out = np.zeros((n_images, len(stage.targets)))
     total = np.zeros(n_images)
@@ -160,6 +162,12 @@ def predict_stage(accelerator: Accelerator, run: RunDir, cfg: ExperimentConfig, 
         pred, index = gather_predictions(accelerator, loader, forward)
         if not np.array_equal(index, np.arange(len(rows))):
             raise RuntimeError(f"{stage.name} fold {fold}: inference did not score every image exactly once")
+        if check_finite and not np.isfinite(pred).all():
+            bad = int(np.flatnonzero(~np.isfinite(pred).all(axis=1))[0])
+            raise BiomassError(f"{run.checkpoint(stage, fold)}: {stage.name} fold {fold} predicts a non-finite value "
+                               f"({pred[bad].tolist()}) for image {image_names[rows[bad]]!r} with infer.tta="
+                               f"{list(tta)}; no submission written (the checkpoint is damaged or its training "
+                               "diverged: retrain that fold)")
         w = 1.0 if weights is None else float(weights[fold])
         out[rows] += w * pred.astype(np.float64)
         total[rows] += w
@@ -190,11 +198,12 @@ def postprocess(pred: np.ndarray, settings: ChainSettings) -> np.ndarray:
 
 def run_chain(accelerator: Accelerator, run: RunDir, cfg: ExperimentConfig, images: ImageSet,
               aux: Assignment | None, main: Assignment, main_weights: dict[int, float] | None = None,
-              in_memory: bool = False, batch_size: int | None = None, progress=None
+              in_memory: bool = False, batch_size: int | None = None, progress=None, check_finite: bool = False
               ) -> tuple[np.ndarray, np.ndarray | None]:
     """Biomass predictions (n, 5) in grams after post-processing, and the aux NDVI/Height (n, 2) or None.
 
     `aux`/`main` assign rows to fold models; a main row whose aux prediction is missing is not predicted (NaN).
+    `check_finite` (test time): a fold model's non-finite prediction is an error naming the fold and the image.
     """
     settings = ChainSettings.of(cfg)
     memo: dict = {}
@@ -203,11 +212,12 @@ def run_chain(accelerator: Accelerator, run: RunDir, cfg: ExperimentConfig, imag
     if cfg.aux is not None and aux is not None:
         reader = stage_reader(images, cfg, cfg.aux, in_memory, memo)
         aux_pred = predict_stage(accelerator, run, cfg, AUX, reader, n, aux, batch_size=batch_size,
-                                 progress=progress)
+                                 progress=progress, check_finite=check_finite, image_names=images.image_paths)
         main = {k: rows[~np.isnan(aux_pred[rows]).any(axis=1)] for k, rows in main.items()}
     reader = stage_reader(images, cfg, cfg.main, in_memory, memo)
     pred = predict_stage(accelerator, run, cfg, MAIN, reader, n, main, tabular=aux_pred, tta=settings.tta,
-                         weights=main_weights, batch_size=batch_size, progress=progress)
+                         weights=main_weights, batch_size=batch_size, progress=progress, check_finite=check_finite,
+                         image_names=images.image_paths)
     ok = ~np.isnan(pred).any(axis=1)
     pred[ok] = postprocess(pred[ok], settings)
     return pred, aux_pred

@@ -3,17 +3,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from biomass.config.load import Experiment, to_yaml
-from biomass.config.schema import ExperimentConfig
+from biomass.config.schema import ExperimentConfig, StageConfig
 from biomass.errors import ConfigError
-from biomass.stages import configured
+from biomass.stages import Stage, configured
 
 
-def check_models(cfg: ExperimentConfig) -> list[str]:
-    """Build every stage's model on the meta device (no memory, no initialisation) and match each backbone weights
-    file by tensor names and shapes (from the file's header or a memory-mapped load: no tensor is read), so that
-    `--dry-run` reports an unknown timm model, a component that does not fit its backbone, a weights file that is
-    not there, or one for another model (naming the first key that does not fit)."""
+def head_has_batchnorm(model) -> bool:
+    import torch
+
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.head.modules())
+
+
+def _first_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__
+
+
+def check_models(cfg: ExperimentConfig, num_processes: int = 1) -> list[str]:
+    """Build every stage's model on the meta device (no memory, no initialisation), match each backbone weights
+    file by tensor names and shapes (from the file's header or a memory-mapped load: no tensor is read), and run
+    one training-mode forward pass of a batch at the configured size (`check_forward`), so that an unknown timm
+    model, `model_kwargs` the model does not take, a component that does not fit its backbone, an image size the
+    model cannot take, a weights file that is not there or one for another model (naming the first key that does
+    not fit) is one error naming the key before any training step. Called by `--dry-run` and by training before its
+    first fold."""
     import torch
 
     from biomass.engine.build import build_stage_model
@@ -22,25 +37,104 @@ def check_models(cfg: ExperimentConfig) -> list[str]:
     notes = []
     for stage in configured(cfg):
         stage_cfg = stage.config(cfg)
+        bb = stage_cfg.model.backbone
         try:
-            with torch.device("meta"):
-                model, _ = build_stage_model(stage, stage_cfg, load_weights=False)
-            bb = stage_cfg.model.backbone
+            try:
+                with torch.device("meta"):
+                    model, _ = build_stage_model(stage, stage_cfg, load_weights=False)
+            except ConfigError:
+                raise
+            except Exception as err:  # noqa: BLE001 - timm or a builder refused the arguments
+                if "meta" in str(err).lower():  # a model that cannot be built on the meta device at all
+                    notes.append(f"{stage.name}: model not checked on the meta device ({_first_line(err)})")
+                    continue
+                hint = f"; check {stage.name}.model.backbone.model_kwargs" if bb.get("model_kwargs") else ""
+                raise ConfigError(f"{stage.name}.model: the model cannot be built ({_first_line(err)}){hint}") \
+                    from None
             if bb["name"] == "timm" and bb.get("weights"):
                 weights = Path(bb["weights"])
                 if not weights.is_file():
                     raise ConfigError(f"{stage.name}.model.backbone.weights: {weights} not found")
                 load_weights(model.backbone.model, weights, bb.get("strict", True), bb["model_name"],
                              shapes_only=True)
+            check_forward(stage, stage_cfg, model, num_processes)
         except ConfigError as err:  # the builders name `model.backbone...`; say which stage
             msg = str(err)
-            if msg.startswith(f"{stage.name}."):
-                raise
-            raise ConfigError(f"{stage.name}.{msg}" if msg.startswith("model.") else f"{stage.name} stage: {msg}") \
-                from None
-        except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device: training's build checks
-            continue
+            prefixed = msg.startswith((f"{stage.name}.", f"{stage.name} stage", f"{stage.name}:"))
+            raise ConfigError(msg if prefixed else f"{stage.name}.{msg}" if msg.startswith("model.")
+                              else f"{stage.name} stage: {msg}") from None
     return notes
+
+
+def check_forward(stage: Stage, stage_cfg: StageConfig, model, num_processes: int = 1) -> None:
+    """One training-mode forward pass of a per-process training batch on the meta device (shapes only, no memory):
+    an image size a ViT cannot take (not a multiple of its patch), a head that does not fit, or a batch too small
+    for BatchNorm shows here, before training."""
+    import torch
+
+    batch = max(1, stage_cfg.train.batch_size // num_processes)
+    if batch < 2 and head_has_batchnorm(model):
+        raise ConfigError(f"{stage.name}.train.batch_size={stage_cfg.train.batch_size}: the "
+                          f"{stage_cfg.model.head['name']!r} head has BatchNorm, which cannot train on a batch of 1 "
+                          f"image{f' per process ({num_processes} processes)' if num_processes > 1 else ''}; use at "
+                          "least 2")
+    h, w = stage_cfg.image.size
+    width = 2 * w if stage_cfg.image.layout == "halves" else w
+    try:
+        image = torch.zeros((batch, 3, h, width), dtype=torch.uint8, device="meta")
+        tabular = torch.zeros((batch, len(stage.inputs)), device="meta")
+        model.train()
+        model(image, tabular)
+    except Exception as err:  # noqa: BLE001 - any failure of the forward pass is the config's ...
+        if isinstance(err, NotImplementedError) or "meta" in str(err).lower():
+            return  # ... except an operation the meta device lacks: training runs it for real
+        raise ConfigError(f"{stage.name}.image.size={[h, w]}: a forward pass of a batch of {batch} at this size "
+                          f"fails in the {stage_cfg.model.backbone.get('model_name', '')} model "
+                          f"({_first_line(err)})") from None
+
+
+def check_batches(cfg: ExperimentConfig, fold_ids: dict[Stage, np.ndarray], num_processes: int = 1) -> None:
+    """With the folds known (training start): no fold's last training batch holds a single image when the head has
+    BatchNorm (drop_last false, or a fold with no more images than one batch)."""
+    import torch
+
+    from biomass.engine.build import build_stage_model
+    from biomass.rundir import folds_to_train
+
+    for stage, ids in fold_ids.items():
+        stage_cfg = stage.config(cfg)
+        with torch.device("meta"):
+            model, _ = build_stage_model(stage, stage_cfg, load_weights=False)
+        if not head_has_batchnorm(model):
+            continue
+        batch = stage_cfg.train.batch_size // max(1, num_processes)
+        for k in folds_to_train(stage_cfg, ids):
+            n = int((np.asarray(ids) != k).sum())
+            dropped = stage_cfg.train.drop_last and n > batch
+            if n == 1 or (not dropped and n % batch == 1):
+                raise ConfigError(f"{stage.name}.train: fold {k} has {n} training images, so with batch_size "
+                                  f"{stage_cfg.train.batch_size} its last batch holds 1 image, which the "
+                                  f"{stage_cfg.model.head['name']!r} head's BatchNorm cannot train on; set "
+                                  f"{stage.name}.train.drop_last=true or change {stage.name}.train.batch_size")
+
+
+def check_outputs(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False,
+                  run_folder: bool = True) -> None:
+    """Every place the run will write, checked before any work: the run directory (or `runs/<name>`), the image
+    cache, the MLflow store."""
+    from biomass.places import require_writable
+    from biomass.rundir import RunDir
+
+    if resume:
+        require_writable(run_dir, "run directory")
+    elif run_folder:
+        RunDir.check_place(cfg.name, run_dir)
+    if cfg.data.cache_dir is not None:
+        require_writable(cfg.data.cache_dir, "data.cache_dir")
+    if cfg.tracking.mlflow:
+        from biomass.tracking import check_store, tracking_uri
+
+        check_store(tracking_uri())
 
 
 def dry_run(exp: Experiment) -> str:
@@ -48,6 +142,7 @@ def dry_run(exp: Experiment) -> str:
     from biomass.data.source import load_train_data
 
     cfg = exp.config
+    check_outputs(cfg, run_folder=False)
     lines = [to_yaml(cfg).rstrip("\n")]
     lines += [f"# {note}" for note in check_models(cfg)]
     if not cfg.data.root.is_dir() and (cfg.data.demo is None or exp.from_cli("data.root")):

@@ -9,7 +9,6 @@ Nobody else builds these paths. A file that is missing, truncated or foreign is 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import pandas as pd
 from biomass.config.schema import ExperimentConfig, StageConfig
 from biomass.engine.checkpoint import read_json, write_json
 from biomass.errors import BiomassError, ConfigError
+from biomass.places import require_writable, write_csv_atomic, write_text_atomic
 from biomass.stages import Stage
 
 FORMAT_VERSION = 1  # of the run directory's layout and files; biomass.infer reads only this version
@@ -51,6 +51,7 @@ def folds_to_train(cfg: StageConfig, fold_ids: np.ndarray) -> list[int]:
 def stamped_dir(parent: Path) -> Path:
     """A new directory `parent/<timestamp>[-k]`, created atomically, so that two runs started in the same second
     never share one."""
+    require_writable(parent, "run folder")
     base = Path(parent) / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     for k in range(1, 1000):
         path = (base if k == 1 else base.with_name(f"{base.name}-{k}")).resolve()
@@ -95,9 +96,7 @@ class RunDir:
         started in the same second never share one. `force` empties only a requested directory's run outputs."""
         if requested is None:
             return cls(stamped_dir(Path("runs") / name))
-        path = Path(requested).resolve()
-        if path.exists() and not path.is_dir():
-            raise BiomassError(f"--run-dir {path} is a file, not a directory")
+        path = cls.check_place(name, requested)
         if path.exists() and any(path.iterdir()):
             if not force:
                 raise BiomassError(f"run directory {path} already exists; pass --force to overwrite it, or "
@@ -110,6 +109,13 @@ class RunDir:
                     target.unlink()
         path.mkdir(parents=True, exist_ok=True)
         return cls(path)
+
+    @staticmethod
+    def check_place(name: str, requested: Path | None) -> Path:
+        """Where `create` will write can be written (run before any work starts): `--run-dir`, or `runs/<name>`."""
+        if requested is None:
+            return require_writable(Path("runs") / name, "run folder")
+        return require_writable(requested, "--run-dir").resolve()
 
     # ------------------------------------------------------------------------------------------------- status
     def read_status(self) -> dict[str, Any]:
@@ -131,24 +137,27 @@ class RunDir:
     def write_config(self, cfg: ExperimentConfig) -> None:
         from biomass.config.load import to_yaml
 
-        tmp = self.path / f"{CONFIG}.tmp"
-        tmp.write_text(to_yaml(cfg))
-        os.replace(tmp, self.path / CONFIG)
+        write_text_atomic(self.path / CONFIG, to_yaml(cfg))
 
     def read_config(self) -> ExperimentConfig:
         from biomass.config.load import load_yaml, validate
 
+        path = self.path / CONFIG
+        if path.is_file() and path.stat().st_size == 0:
+            raise BiomassError(f"{path}: the run's config is empty; the run directory is damaged: retrain")
         try:
-            return validate(load_yaml(self.path / CONFIG))
+            return validate(load_yaml(path))
         except ConfigError as err:
-            raise BiomassError(f"{self.path / CONFIG}: not a valid biomass config ({err})") from None
+            why = "; ".join(str(err).splitlines()[:3])
+            raise BiomassError(f"{path}: not a valid biomass config, truncated or foreign ({why}); the run "
+                               "directory is damaged: retrain") from None
 
     # -------------------------------------------------------------------------------------------------- folds
     def write_folds(self, table: pd.DataFrame, fold_ids: dict[Stage, np.ndarray]) -> None:
         df = table[["image_id", "image_path"]].copy()
         for stage, ids in fold_ids.items():
             df[f"{stage.name}_fold"] = ids
-        df.to_csv(self.path / FOLDS, index=False)
+        write_csv_atomic(df, self.path / FOLDS, index=False)
 
     def read_folds(self) -> pd.DataFrame:
         path = self.path / FOLDS
@@ -161,6 +170,13 @@ class RunDir:
                                "the run directory is damaged: retrain") from None
         if df.empty or "image_path" not in df.columns:
             raise BiomassError(f"{path}: empty or without an image_path column; the run directory is damaged")
+        for col in ["image_path", *(c for c in df.columns if c.endswith("_fold"))]:
+            values = df[col]
+            bad = values.isna() | (False if col == "image_path" else
+                                   pd.to_numeric(values, errors="coerce").pipe(lambda v: v.isna() | (v % 1 != 0)))
+            if bad.any():
+                raise BiomassError(f"{path}: row {int(np.flatnonzero(bad)[0]) + 2} has no valid {col!r} (truncated or "
+                                   "edited); the run directory is damaged: retrain")
         return df
 
     def fold_ids(self, stage: Stage) -> np.ndarray:
@@ -169,6 +185,17 @@ class RunDir:
         if col not in df.columns:
             raise BiomassError(f"{self.path / FOLDS}: no column {col!r}; it does not belong to this run's {CONFIG}")
         return df[col].to_numpy()
+
+    def read_fold_result(self, stage: Stage, fold: int) -> dict[str, Any]:
+        """A finished fold's done.json (its best epoch, scores and held-out predictions), checked."""
+        path = self.done_marker(stage, fold)
+        data = read_json(path, f"{stage.name} fold {fold} result")
+        missing = [k for k in ("fold", "best_epoch", "best", "val_index", "predictions", "history") if k not in data]
+        if missing or len(data.get("val_index") or []) != len(data.get("predictions") or []):
+            raise BiomassError(f"{path}: {stage.name} fold {fold} result is incomplete "
+                               f"({'no ' + repr(missing[0]) if missing else 'predictions do not match val_index'}); "
+                               f"delete {path.parent} to retrain that fold")
+        return data
 
     def trained_folds(self, stage: Stage, cfg: StageConfig) -> list[int]:
         return folds_to_train(cfg, self.fold_ids(stage))

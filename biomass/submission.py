@@ -6,7 +6,6 @@ images (accelerate's split) and the predictions are gathered, so the file matche
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from biomass.chain import every_fold, fold_weights, needs_boxes, run_chain
 from biomass.constants import TARGETS
 from biomass.data.source import load_test_images
 from biomass.errors import BiomassError
+from biomass.places import require_writable, write_csv_atomic
 from biomass.rundir import RunDir
 from biomass.stages import AUX, MAIN
 from biomass.ui import Progress, progress_enabled
@@ -24,16 +24,7 @@ from biomass.ui import Progress, progress_enabled
 
 def check_output(out: Path) -> Path:
     """`--out` must name a file in a writable folder: found before any model runs."""
-    out = Path(out).resolve()
-    if out.is_dir():
-        raise BiomassError(f"--out {out} is a folder; name the submission file, e.g. {out / 'submission.csv'}")
-    folder = out.parent
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise BiomassError(f"--out {out}: cannot write into {probe} (read-only or no permission)")
-    return out
+    return require_writable(out, "--out", is_file=True).resolve()
 
 
 def write_submission(run_dir: Path, data_dir: Path, out: Path, batch_size: int | None = None,
@@ -41,11 +32,13 @@ def write_submission(run_dir: Path, data_dir: Path, out: Path, batch_size: int |
     """Predict every test image with every fold model (or the folds given) and write Kaggle's submission CSV."""
     from biomass.engine.build import make_accelerator
 
+    if batch_size is not None and batch_size < 1:
+        raise BiomassError(f"--batch-size must be at least 1, got {batch_size}")
     run = RunDir(run_dir)
     cfg = run.completed()
     out = check_output(out)
-    if batch_size is not None and batch_size < 1:
-        raise BiomassError(f"--batch-size must be at least 1, got {batch_size}")
+    if cfg.data.cache_dir is not None:
+        require_writable(cfg.data.cache_dir, "data.cache_dir (from the run's config.yaml)")
     rows, images = load_test_images(cfg, Path(data_dir), needs_boxes(cfg))
     main_folds = main_folds if main_folds is not None else run.trained_folds(MAIN, cfg.main)
     aux_folds = aux_folds if aux_folds is not None else (run.trained_folds(AUX, cfg.aux) if cfg.aux else [])
@@ -58,7 +51,7 @@ def write_submission(run_dir: Path, data_dir: Path, out: Path, batch_size: int |
         task = progress.task("fold models", len(main_folds) + len(aux_folds))
         pred, _ = run_chain(accelerator, run, cfg, images, every_fold(aux_folds, len(images)) if cfg.aux else None,
                             every_fold(main_folds, len(images)), weights, in_memory=True, batch_size=batch_size,
-                            progress=lambda: progress.advance(task))
+                            progress=lambda: progress.advance(task), check_finite=True)
     seconds = time.time() - start
     if not np.isfinite(pred).all():
         bad = int(np.flatnonzero(~np.isfinite(pred).all(axis=1))[0])
@@ -69,11 +62,11 @@ def write_submission(run_dir: Path, data_dir: Path, out: Path, batch_size: int |
     submission = pd.DataFrame({"sample_id": rows["sample_id"].to_numpy(),
                                "target": [by_image[p][col[t]] for p, t in zip(rows["image_path"],
                                                                                rows["target_name"])]})
+    if not np.isfinite(submission["target"].to_numpy(np.float64)).all() or submission["sample_id"].isna().any():
+        raise BiomassError("the submission would hold an empty or non-finite value; no submission written")
     if accelerator.is_main_process:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        submission.to_csv(tmp, index=False, float_format="%.6f")
-        os.replace(tmp, out)
+        write_csv_atomic(submission, out, index=False, float_format="%.6f")
         n_models = len(main_folds) * len(cfg.infer.tta) + len(aux_folds)
         accelerator.print(f"{len(images)} images x {n_models} model passes in {seconds:.1f} s "
                           f"({len(images) / max(seconds, 1e-9):.2f} images/s on {accelerator.num_processes} "

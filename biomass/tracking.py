@@ -6,12 +6,17 @@ nested child run per stage and fold. Metric names are stable across runs: `train
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from biomass.config.load import flatten
+from biomass.errors import BiomassError
+from biomass.places import require_writable
 
 _MAX_PARAM = 6000  # MLflow's limit on a param value
 
@@ -25,6 +30,55 @@ def git_state(cwd: Path | None = None) -> dict[str, str]:
     except (OSError, subprocess.TimeoutExpired):
         return {}
     return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()} if commit else {}
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else MLflow's default (a SQLite file in the working directory)."""
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` tracking URI, or None for any other store."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    rest = uri[len(prefix):].split("?", 1)[0]
+    return Path(rest) if rest and rest != ":memory:" else None
+
+
+def check_store(uri: str) -> None:
+    """A local store (SQLite file, or a folder for `file:` / plain-path URIs) must be writable: found before any
+    work starts, rather than after MLflow's minutes of retries."""
+    db = sqlite_file(uri)
+    if db is not None:
+        require_writable(db, f"MLflow store {uri} (MLFLOW_TRACKING_URI):", is_file=True)
+    elif "://" not in uri or uri.startswith("file:"):
+        folder = uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):] if uri.startswith(
+            "file:") else uri
+        require_writable(Path(folder), f"MLflow store {uri} (MLFLOW_TRACKING_URI):")
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Serialise the first use of a SQLite store between processes: MLflow creates and migrates the schema on first
+    connection, and two processes doing so at once make one of them fail inside alembic. An exclusive `fcntl` lock
+    on `<db>.lock` next to the database; other stores need none."""
+    db = sqlite_file(uri)
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 class Tracker:
@@ -44,7 +98,14 @@ class Tracker:
         if not self.enabled:
             return None
         mlflow = self.mlflow
-        mlflow.set_experiment(experiment)
+        uri = mlflow.get_tracking_uri()
+        try:
+            with store_lock(uri):  # the store's creation and the experiment's, one process at a time
+                mlflow.set_experiment(experiment)
+        except Exception as err:  # noqa: BLE001 - an unreachable server, a damaged database
+            raise BiomassError(f"MLflow tracking at {uri}: cannot open the store "
+                               f"({' '.join(str(err).split())[:300]}); set tracking.mlflow=false to train "
+                               "without it") from None
         if run_id:  # resume: continue the same run rather than start a duplicate
             mlflow.start_run(run_id=run_id)
         else:

@@ -34,7 +34,9 @@ from biomass.ablate.tracking_server import (UI_PORT, TrackingServer, is_http, is
 from biomass.config.load import Experiment, to_yaml
 from biomass.config.schema import ExperimentConfig
 from biomass.errors import BiomassError, ConfigError
+from biomass.places import require_writable
 from biomass.rundir import stamped_dir
+from biomass.tracking import check_store, store_lock, tracking_uri
 
 SWEEP_FILE = "sweep.json"
 CHILDREN = "children"
@@ -145,8 +147,9 @@ class Tracking:
             saved["server_session"] = self.server.session
         try:
             self.client = MlflowClient(tracking_uri=self.uri)
-            found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            with store_lock(self.uri):  # the store is created on first use: one process at a time
+                found = self.client.get_experiment_by_name(experiment)
+                self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
             if saved.get("sweep_run_id"):
                 self.sweep_run_id = saved["sweep_run_id"]
                 self.client.update_run(self.sweep_run_id, status="RUNNING")
@@ -248,6 +251,9 @@ def run_sweep(files: list[Path], base: Path | None, overrides: list[str], seeds:
         for v in a.variants:
             ensure_demo_data(Experiment(v.config, a.base, tuple(a.overrides)))
     if resume is None:
+        require_writable(runs_dir, "--runs-dir")
+        if mlflow_on:
+            check_store(tracking_uri())
         sweep_dir = stamped_dir(runs_dir)
         saved = {"files": [str(f.resolve()) for f in files], "base": str(base.resolve()) if base else None,
                  "overrides": list(overrides), "seeds": seeds, "launch_args": options.launch_args,

@@ -27,7 +27,7 @@ from biomass.errors import BiomassError, DataError
 
 
 def colour_features(path: Path) -> np.ndarray:
-    bgr = cv2.imread(str(path), cv2.IMREAD_REDUCED_COLOR_4)
+    bgr = cv2.imread(str(path), cv2.IMREAD_REDUCED_COLOR_4 | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None:
         raise DataError(f"image {path}: cannot be decoded")
     bgr = cv2.resize(bgr, (256, max(1, round(256 * bgr.shape[0] / bgr.shape[1]))), interpolation=cv2.INTER_AREA)

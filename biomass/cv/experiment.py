@@ -23,9 +23,10 @@ from biomass.config.schema import ExperimentConfig
 from biomass.cv.outputs import compute_metrics, summary_table, write_outputs
 from biomass.data.source import TrainData, ensure_demo_data, load_train_data
 from biomass.engine.build import build_stage_model, make_accelerator
-from biomass.engine.checkpoint import backbone_state, read_json, write_json
+from biomass.engine.checkpoint import backbone_state, write_json
 from biomass.engine.loop import FoldResult, fit_fold
 from biomass.errors import BiomassError
+from biomass.preflight import check_batches, check_models, check_outputs
 from biomass.registry import SPLITTERS
 from biomass.rundir import RunDir, folds_to_train
 from biomass.stages import AUX, MAIN, Stage, configured
@@ -61,7 +62,7 @@ def train_stage(accelerator, cfg: ExperimentConfig, stage: Stage, data: TrainDat
         start = time.time()
         done = run.done_marker(stage, k)
         if done.is_file():  # resumed run: this fold finished before the interruption
-            result = FoldResult.from_json(read_json(done, f"{stage.name} fold {k} result"))
+            result = FoldResult.from_json(run.read_fold_result(stage, k))
             oof[result.val_index] = result.predictions
             results.append(result)
             accelerator.print(f"{stage.name} fold {k}: already complete (best epoch {result.best_epoch})")
@@ -129,6 +130,7 @@ def train_experiment(exp: Experiment, run_dir: Path | None = None, force: bool =
     accelerator = make_accelerator(cfg)
     console = Console()
     if accelerator.is_main_process:
+        check_outputs(cfg, run_dir, resume)  # every place it writes: before any work
         ensure_demo_data(exp)
     accelerator.wait_for_everyone()
     data = load_train_data(cfg)  # every check before the first training step
@@ -171,6 +173,10 @@ def train_experiment(exp: Experiment, run_dir: Path | None = None, force: bool =
         run.write_status(status)
         console.print(f"run directory: {run}")
     try:
+        # the models on the meta device (a forward pass at the configured size) and every fold's batches: an error
+        # here names the key before the first training step (inside `try`: the run is recorded as failed)
+        check_models(cfg, num_processes=accelerator.num_processes)
+        check_batches(cfg, ids, accelerator.num_processes)
         with Progress(progress_enabled() and accelerator.is_main_process) as progress:
             def on_child_started() -> None:  # record child run ids: a resumed run continues them
                 run.write_status(status)

@@ -25,8 +25,12 @@ from biomass.data.augment import TRANSFORMS
 from biomass.data.table import Box
 from biomass.errors import ConfigError, DataError, suggest
 
-_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-            8: cv2.IMREAD_REDUCED_COLOR_8}
+# EXIF orientation is ignored everywhere (decode, crop boxes, cache, size checks): images are used as their pixels
+# are stored, which is the frame `crops.csv` boxes and PIL's header size are in. OpenCV would otherwise rotate a
+# photo whose EXIF says so, and a box in stored coordinates would cut the wrong region.
+IGNORE_EXIF = cv2.IMREAD_IGNORE_ORIENTATION
+_REDUCED = {f: flag | IGNORE_EXIF for f, flag in ((1, cv2.IMREAD_COLOR), (2, cv2.IMREAD_REDUCED_COLOR_2),
+                                                   (4, cv2.IMREAD_REDUCED_COLOR_4), (8, cv2.IMREAD_REDUCED_COLOR_8))}
 
 # The seed's A.Resize default: bilinear. With it an unaugmented image (validation, test) is bit-identical to the
 # seed's, and it costs ~1 ms at 2000x1000 -> 800x800 where INTER_AREA costs ~6 ms (docs/BENCHMARKS.md, Loader design).

@@ -115,6 +115,9 @@ def read_test(root: Path, csv_name: str = "test.csv") -> tuple[pd.DataFrame, pd.
 
 
 # ------------------------------------------------------------------------------------------------------------ images
+TOO_LARGE = "too large to read safely"
+
+
 def _check_one(root: Path, image_path: str, mode: str) -> tuple[int, int] | str:
     """(height, width) of a readable image, or a message saying what is wrong with it."""
     import cv2
@@ -134,22 +137,33 @@ def _check_one(root: Path, image_path: str, mode: str) -> tuple[int, int] | str:
         # libjpeg fills a truncated scan with grey and only warns, so check the end-of-image marker explicitly.
         if tail != b"\xff\xd9":
             return "truncated JPEG (no end-of-image marker)"
-    if mode == "header":
-        from PIL import Image, UnidentifiedImageError
+    size = _header_size(file)
+    if isinstance(size, str) and size.startswith(TOO_LARGE):  # refused before anything decodes it
+        return size
+    if mode == "decode":
+        # Decoding at 1/8 resolution parses the whole entropy-coded stream at a fraction of the cost.
+        if cv2.imread(str(file), cv2.IMREAD_REDUCED_COLOR_8 | cv2.IMREAD_IGNORE_ORIENTATION) is None:
+            return "cannot be decoded as an image"
+    return size
 
-        try:
-            with Image.open(file) as im:
-                return im.height, im.width
-        except (UnidentifiedImageError, OSError) as err:
-            return f"not a readable image ({err})"
-    # Decoding at 1/8 resolution parses the whole entropy-coded stream at a fraction of the cost.
-    img = cv2.imread(str(file), cv2.IMREAD_REDUCED_COLOR_8)
-    if img is None:
-        return "cannot be decoded as an image"
-    from PIL import Image
 
-    with Image.open(file) as im:  # exact size from the header; the reduced decode rounds it
-        return im.height, im.width
+def _header_size(file: Path) -> tuple[int, int] | str:
+    """(height, width) of the stored pixels from the header (PIL reads no pixel data; EXIF orientation ignored), or
+    what is wrong. An image over PIL's decompression-bomb limit is refused with its size."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    # Between PIL's limit and twice it PIL only warns; OpenCV decodes these, so the warning is noise here.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    try:
+        with Image.open(file) as im:
+            return im.height, im.width
+    except Image.DecompressionBombError as err:
+        return (f"{TOO_LARGE} ({err}); downscale it (the pipeline resizes every image to "
+                "image.size anyway)")
+    except (UnidentifiedImageError, OSError) as err:
+        return f"not a readable image ({err})"
 
 
 @contextlib.contextmanager

@@ -21,16 +21,15 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: Path, what: str = "file") -> dict[str, Any]:
-    """A JSON object from `path`; a missing, truncated or foreign file is one error naming it."""
+def read_json(path: Path, what: str = "file", fix: str = "retrain or restore it") -> dict[str, Any]:
+    """A JSON object from `path`; a missing, truncated or foreign file is one error naming it and `fix`."""
     path = Path(path)
     if not path.is_file():
         raise BiomassError(f"{path}: {what} is missing")
     try:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise BiomassError(f"{path}: {what} is not valid JSON (truncated or corrupt: {err}); "
-                           "retrain or restore it") from None
+        raise BiomassError(f"{path}: {what} is not valid JSON (truncated or corrupt: {err}); {fix}") from None
     if not isinstance(data, dict):
         raise BiomassError(f"{path}: {what} is not a JSON object; it was not written by biomass")
     return data
@@ -118,19 +117,33 @@ def save_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 def load_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                ema=None) -> dict:
+    """The saved per-epoch state; a truncated, empty or foreign file is one error naming it and the way out."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, load_model
 
-    meta = read_json(state_dir / "progress.json", "saved training state")
-    epoch = meta["progress"]["epoch"]
+    fix = f"delete {state_dir} to restart this fold from its first epoch"
+    meta = read_json(state_dir / "progress.json", "saved training state", fix)
+    try:
+        epoch = int(meta["progress"]["epoch"])
+        param_groups, scheduler_state = meta["param_groups"], meta["scheduler"]
+    except (KeyError, TypeError, ValueError):
+        raise BiomassError(f"{state_dir / 'progress.json'}: saved training state is incomplete; {fix}") from None
     device = str(next(model.parameters()).device)
-    load_model(model, str(state_dir / f"model-{epoch}.safetensors"), device=device)
-    if ema is not None:
-        load_model(ema.module, str(state_dir / f"ema-{epoch}.safetensors"), device=device)
-        ema.steps = meta["progress"].get("ema_steps", 0)
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(str(state_dir / f"optimizer-{epoch}.safetensors")).items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
+    current = state_dir / f"model-{epoch}.safetensors"
+    try:
+        load_model(model, str(current), device=device)
+        if ema is not None:
+            current = state_dir / f"ema-{epoch}.safetensors"
+            load_model(ema.module, str(current), device=device)
+            ema.steps = meta["progress"].get("ema_steps", 0)
+        current = state_dir / f"optimizer-{epoch}.safetensors"
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in load_file(str(current)).items():
+            pid, name = key.split(".", 1)
+            state.setdefault(int(pid), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+        scheduler.load_state_dict(scheduler_state)
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as err:
+        raise BiomassError(f"{current}: saved training state cannot be read "
+                           f"({' '.join(str(err).split())[:150]}); {fix}") from None
     return meta["progress"]

@@ -289,6 +289,64 @@ def infer_not_a_run(root):
         str(root.parent / "not_a_run"), "not a biomass run directory"]
 
 
+def giant_header(jpeg: bytes) -> bytes:
+    """The JPEG's frame header rewritten to claim 20000x10000 pixels (200 megapixels): what PIL's decompression-bomb
+    check sees of a huge photo, without making one."""
+    import struct
+
+    out, i = bytearray(jpeg), 2
+    while out[i + 1] not in (0xC0, 0xC1, 0xC2):
+        i += 2 + struct.unpack(">H", out[i + 2:i + 4])[0]
+    out[i + 5:i + 9] = struct.pack(">HH", 10000, 20000)
+    return bytes(out)
+
+
+def config_case(*overrides: str, expect: tuple[str, ...]):
+    def mutate(root):
+        return dry(root, *overrides), list(expect)
+    return mutate
+
+
+def a_file(root: Path) -> Path:
+    """A plain file: a path under it can never be created, whoever runs the test (root ignores permission bits)."""
+    path = root.parent / "a_file"
+    path.write_text("not a folder\n")
+    return path
+
+
+def cache_under_file(root):
+    bad = a_file(root) / "cache"
+    return dry(root, f"data.cache_dir={bad}"), ["data.cache_dir", str(bad), "is a file, not a folder"]
+
+
+def run_dir_under_file(root):
+    bad = a_file(root) / "run"
+    return [str(DEMO), f"data.root={root}", *SMALL, "tracking.mlflow=false", "--run-dir", str(bad)], [
+        "--run-dir", str(bad), "is a file, not a folder"]
+
+
+def infer_out_under_file(root):
+    run = fake_run(root.parent, root, missing="")
+    bad = a_file(root) / "sub.csv"
+    return [str(run), "--data", str(root), "--out", str(bad)], ["--out", str(bad), "is a file, not a folder"]
+
+
+def infer_out_is_folder(root):
+    run = fake_run(root.parent, root, missing="")
+    return [str(run), "--data", str(root), "--out", str(root)], ["--out", str(root), "is a folder"]
+
+
+def infer_negative_batch(root):
+    run = fake_run(root.parent, root, missing="")
+    return [str(run), "--data", str(root), "--out", str(root.parent / "s.csv"), "--batch-size", "-4"], [
+        "--batch-size", "-4"]
+
+
+def synthetic_under_file(root):
+    bad = a_file(root) / "demo"
+    return [str(bad), "--n-train", "2", "--n-test", "1"], ["output folder", str(bad), "is a file, not a folder"]
+
+
 class Case(NamedTuple):
     id: str
     what: str  # for docs/RELIABILITY.md
@@ -350,12 +408,45 @@ CASES = [
          module="biomass.infer"),
     Case("infer_data_missing", "inference with --data naming a folder that does not exist", infer_missing_data,
          module="biomass.infer"),
+    # issue 16: configs that validated and dry-ran, then crashed in the first step or made no submission
+    Case("n_splits_one", "main.folds.splitter.n_splits=1",
+         config_case("main.folds.splitter.n_splits=1", expect=("main.folds.splitter.n_splits", "at least 2"))),
+    Case("fold_weights_zero", "infer.fold_weights=[0,0,0] (sum 0: an empty submission before)",
+         config_case("infer.fold_weights=[0,0,0]", expect=("infer.fold_weights", "sum above 0"))),
+    Case("fold_weights_length", "infer.fold_weights=[1,1] with 3 main folds",
+         config_case("infer.fold_weights=[1,1]", expect=("infer.fold_weights", "2 weights for the 3 main folds"))),
+    Case("init_from_fold_not_trained", "main.folds.train_folds=[1,2] with aux.init_from=main/fold0",
+         config_case("main.folds.train_folds=[1,2]", "aux.init_from=main/fold0",
+                     expect=("aux.init_from", "main fold 0", "train_folds"))),
+    Case("same_fold_not_trained", "main.folds.train_folds=[0] with aux.init_from=main/same_fold (all aux folds)",
+         config_case("main.folds.train_folds=[0]", expect=("aux.init_from", "aux fold 1 needs main fold 1"))),
+    Case("batch_size_one", "main.train.batch_size=1 (the fusion head has BatchNorm)",
+         config_case("main.train.batch_size=1", expect=("main.train.batch_size=1", "BatchNorm"))),
+    Case("vit_size_not_patch_multiple", "main.model.backbone.model_name=test_vit, main.image.size=[33,33]",
+         config_case("main.model.backbone.model_name=test_vit", "main.image.size=[33,33]",
+                     expect=("main.image.size=[33, 33]", "divisible by patch size (16)"))),
+    Case("model_kwargs_unknown", "main.model.backbone.model_kwargs={foo: 1} (resnet10t takes no foo)",
+         config_case("main.model.backbone.model_kwargs={foo: 1}",
+                     expect=("main.model", "'foo'", "main.model.backbone.model_kwargs"))),
+    Case("tta_empty", "infer.tta=[]", config_case("infer.tta=[]", expect=("infer.tta", "at least 1 item"))),
+    Case("image_giant", "one train JPEG's header claims 20000x10000 pixels (200 megapixels)",
+         write_bytes(giant_header, "too large to read safely", "200000000 pixels")),
+    # issue 16: output places that cannot be written (a path under a plain file: refused for root too)
+    Case("cache_dir_unwritable", "data.cache_dir under a plain file", cache_under_file),
+    Case("run_dir_unwritable", "--run-dir under a plain file (training)", run_dir_under_file),
+    Case("infer_out_unwritable", "--out under a plain file", infer_out_under_file, module="biomass.infer"),
+    Case("infer_out_folder", "--out naming a folder", infer_out_is_folder, module="biomass.infer"),
+    Case("infer_batch_negative", "biomass.infer --batch-size -4", infer_negative_batch, module="biomass.infer"),
+    Case("synthetic_unwritable", "synthetic data output folder under a plain file", synthetic_under_file,
+         module="biomass.data.synthetic"),
 ]
 
 
 def entry_point(module: str):
     if module == "biomass.infer":
         from biomass.infer import main
+    elif module == "biomass.data.synthetic":
+        from biomass.data.synthetic.__main__ import main
     else:
         from biomass.run import main
     return main

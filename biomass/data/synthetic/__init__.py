@@ -44,6 +44,7 @@ import pandas as pd
 from biomass import __version__
 from biomass.constants import TARGETS, TEST_COLUMNS, TRAIN_COLUMNS, sample_id
 from biomass.errors import ConfigError, DataError
+from biomass.places import require_writable
 
 LABEL_FILE = Path(__file__).resolve().parent.parent / "labels" / "csiro_train.csv"
 
@@ -413,6 +414,7 @@ def generate(out_dir: str | Path, n_train: int = 24, n_test: int = 8, seed: int 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: output directory exists and is not empty; pick a new one or empty it")
+    require_writable(out, "output folder")
 
     blocks = _image_blocks(load_label_table())
     real_ids = [Path(b.loc[0, "image_path"]).stem for b in blocks]
