@@ -313,3 +313,24 @@ def test_inference_killed_at_a_random_point_leaves_no_partial_submission(trained
                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert out.is_file()
+
+
+# ---------------------------------------------------------------------------------------------------- images
+def test_exif_orientation_is_ignored_in_decode_size_and_crop(tmp_path):
+    """A JPEG whose EXIF says 'rotate 90': decoded, sized and cropped as its pixels are stored, so a crop box in
+    stored coordinates cuts what it names (OpenCV would otherwise rotate it and the box would miss)."""
+    from PIL import Image
+
+    from biomass.data.images import read_image
+    from biomass.data.table import check_images
+
+    rgb = np.zeros((32, 64, 3), np.uint8)
+    rgb[:, :16] = (255, 0, 0)  # a red band on the stored image's left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    Image.fromarray(rgb).save(tmp_path / "r.jpg", quality=95, exif=exif)
+    assert check_images(tmp_path, ["r.jpg"]) == {"r.jpg": (32, 64)}
+    img = read_image(tmp_path / "r.jpg")
+    assert img.shape == (32, 64, 3)
+    crop = read_image(tmp_path / "r.jpg", box=(0, 0, 16, 32))
+    assert crop.shape == (32, 16, 3) and crop[..., 0].mean() > 200 and crop[..., 2].mean() < 50
