@@ -189,7 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         r = order_bench(args.data, args.size)
         rows = []
         for k, v in r.items():
-            rows.append((k, ", ".join(f"{a}={fmt(b)}" for a, b in v.items()) if isinstance(v, dict) else fmt(v)))
+            parts = {f"{k} {a}": b for a, b in v.items()} if isinstance(v, dict) and all(
+                isinstance(b, dict) for b in v.values()) else {k: v}
+            for name, value in parts.items():
+                rows.append((name, ", ".join(f"{a}={fmt(b)}" for a, b in value.items()) if isinstance(value, dict)
+                             else fmt(value)))
         emit(r, args.json, "augmentation order", rows)
     return 0
 

@@ -550,12 +550,11 @@ def test_weights_that_match_pass_the_dry_run(base, tmp_path, capsys):
     assert code == 0, err
 
 
-def test_missing_weights_file_is_noted_by_the_dry_run(base, tmp_path, capsys):
-    """As a missing data.root: the dry run is meant to work before the weights are in place (training stops on it,
-    tests/test_models.py::test_missing_weights_file)."""
+def test_missing_weights_file_is_an_error_of_the_dry_run(base, tmp_path, capsys):
+    """The dry run is strict: a weights file that is not there is one error line naming the key and the file."""
     missing = tmp_path / "nowhere.safetensors"
     code, out, err = run_in_process(capsys, "biomass.run", dry(base, f"main.model.backbone.weights={missing}"))
-    assert code == 0 and f"# main.model.backbone.weights {missing} not found; not checked" in out, err
+    assert code == 2 and err.strip() == f"error: main.model.backbone.weights: {missing} not found", err
 
 
 def _finished(procs, name: str) -> tuple[int, str, str, list[str], Path]:
