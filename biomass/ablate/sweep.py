@@ -1,6 +1,9 @@
 """A sweep: every ablation file's variants x seeds, each distinct training run once, on an executor; tables, CIs and
 verdicts per ablation; one graveyard report; MLflow runs nested sweep -> ablation -> child.
 
+(Just over 350 lines: planning, running, resuming and the MLflow nesting of one sweep share its state and read best
+together; the executors, the tracking server and the statistics live in their own modules.)
+
     SWEEP_DIR/sweep.json              what was asked (files, base, overrides, seeds, launch args) and the MLflow ids
     SWEEP_DIR/children/<key>/         config.yaml, run/ (the run directory), child.out/.err/.cmd, attempts.json
     SWEEP_DIR/<ablation>/             ablation.yaml, ablation.txt, comparison.csv/.md, runs.csv, deltas.png, summary.json
