@@ -309,20 +309,23 @@ def _result(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
 
 def test_gold_dry_run_has_every_seed_hyperparameter(capsys, tmp_path: Path) -> None:
     """`python -m biomass.run experiments/gold.yaml --dry-run`, through the same entry point in-process."""
+    from biomass.data.synthetic import generate
+
+    assert load_experiment(GOLD).config.main.model.backbone["weights"] == str(REPO / \
+        "weights/vit_huge_plus_patch16_dinov3.lvd1689m/pytorch_model.bin")  # relative to experiments/
+    # The dry run is strict (data and weights must exist): a tiny rendered root, and no weights file (random init).
+    root = generate(tmp_path / "data", n_train=5, n_test=1, seed=0, width=64, height=32)
     with pytest.raises(SystemExit) as exit_:
-        # data.root moved to an empty place so the dry run never decodes a real dataset
-        run_cli(run_main, [str(GOLD), "--dry-run", f"data.root={tmp_path / 'no_data'}"])
+        run_cli(run_main, [str(GOLD), "--dry-run", f"data.root={root}", "main.model.backbone.weights=null"])
     stdout, stderr = capsys.readouterr()
     assert exit_.value.code == 0, stderr
-    assert "# data:" in stdout and "not found; not checked" in stdout
+    assert "# data: 5 train images" in stdout
     cfg = yaml.safe_load(stdout)  # the printed config is YAML (the data note is a comment)
     main, aux = cfg["main"], cfg["aux"]
 
     assert main["model"]["backbone"]["model_name"] == "vit_huge_plus_patch16_dinov3.lvd1689m"
     assert main["model"]["backbone"]["freeze_fraction"] == 0.5
-    assert main["model"]["backbone"]["weights"] == str(
-        REPO / "weights/vit_huge_plus_patch16_dinov3.lvd1689m/pytorch_model.bin")  # relative to experiments/
-    assert cfg["data"]["root"] == str(tmp_path / "no_data")
+    assert cfg["data"]["root"] == str(root)
     assert main["model"]["pooling"] == {"name": "gap"}
     assert main["model"]["head"]["name"] == "fusion"
     assert main["image"]["size"] == [800, 800] and main["image"]["crop"] is True
@@ -352,7 +355,7 @@ def test_gold_dry_run_has_every_seed_hyperparameter(capsys, tmp_path: Path) -> N
     assert aux["optim"]["weight_decay"] == 0.001 and aux["optim"]["lr"] == 5.0e-05
     assert "RandomRotate90" in [t["name"] for t in aux["augment"]["train"]]
     assert aux["init_from"] == "main/fold0"
-    assert cfg["infer"]["fold_weights"] == [0.2649, 0.1741, 0.1578, 0.2318, 0.1714]
+    assert cfg["infer"]["fold_weights"] == [0.264901, 0.174089, 0.157770, 0.231843, 0.171397]
     assert cfg["seed"] == 42
     # and literally, as a reader of the dry run sees them
     for text in ("vit_huge_plus_patch16_dinov3.lvd1689m", "[800, 800]", "batch_size: 10", "lr: 5.0e-05",
