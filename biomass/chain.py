@@ -171,7 +171,7 @@ def predict_stage(accelerator: Accelerator, run: RunDir, cfg: ExperimentConfig, 
         w = 1.0 if weights is None else float(weights[fold])
         out[rows] += w * pred.astype(np.float64)
         total[rows] += w
-        del fm, model, loader
+        del fm, model, loader, forward  # forward holds the model: drop both before the next one loads
         gc.collect()
         accelerator.free_memory()  # the fold model goes before the next one loads
         if progress is not None:

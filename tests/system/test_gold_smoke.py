@@ -49,6 +49,7 @@ def test_gold_vit_h_plus_trains_and_infers_on_a_cpu(tmp_path):
                                  str(sub)], env)
     assert rc == 0
     assert len(pd.read_csv(sub)) == 4 * 5
-    # Fold-at-a-time: about one model resident plus its checkpoint being read (all ten would be ~34 GB).
-    assert infer_rss < 2.5 * VIT_H_PLUS_BYTES, f"inference peak RSS {infer_rss / 2**30:.1f} GiB"
+    # Fold-at-a-time: one model resident while its checkpoint is read (two models' weights) plus the runtime; all
+    # ten resident would be ~34 GB.
+    assert infer_rss < 2.8 * VIT_H_PLUS_BYTES, f"inference peak RSS {infer_rss / 2**30:.1f} GiB"
     print(f"\ngold smoke: train peak RSS {train_rss / 2**30:.1f} GiB, infer peak RSS {infer_rss / 2**30:.1f} GiB")
