@@ -32,6 +32,7 @@ def positive(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
+@pytest.mark.slow
 def test_loader_json(tmp_path):
     r = run_cli("loader", "--json", "--n", "3", "--size", "64", "--repeats", "1")
     for key in ("decode", "seed", "biomass", "cached", "biomass_vs_seed", "biomass_vs_decode", "cached_vs_decode"):
@@ -78,6 +79,7 @@ def test_saved_activations_frozen_prefix_saves_less(capsys):
     assert 0 < r["saved_ratio"] < 1
 
 
+@pytest.mark.slow
 def test_train_json():
     r = run_cli("train", "--json", "--model", "resnet18", "--size", "32", "--batch", "2", "--steps", "1",
                 "--warmup", "1", "--repeats", "1", "--no-saved", "--threads", "1")

@@ -79,6 +79,7 @@ def infer_args(run: Path, data: Path, out: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- the happy path, layouts
+@pytest.mark.slow
 def test_differing_layouts_make_a_submission(trained, data, tmp_path, capsys):
     """main halves, aux whole: the chain reads each stage's images its own way (biomass.chain.stage_reader)."""
     code, out, err = cli(capsys, "biomass.infer", infer_args(trained, data, tmp_path / "s.csv"))
@@ -95,6 +96,7 @@ RUN_FILES = ["run.json", "config.yaml", "folds.csv", "main/fold0/best.json", "ma
              "aux/fold0/best.json", "aux/fold2/best.safetensors"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
 @pytest.mark.parametrize("name", RUN_FILES)
 def test_damaged_run_file_is_one_line_at_inference(trained, data, tmp_path, capsys, name, damage):
@@ -109,6 +111,7 @@ def test_damaged_run_file_is_one_line_at_inference(trained, data, tmp_path, caps
     assert not (tmp_path / "s.csv").exists()
 
 
+@pytest.mark.slow
 def test_non_finite_checkpoint_cannot_make_a_submission(trained, data, tmp_path, capsys):
     """A checkpoint whose weights are NaN (a diverged or damaged fold): no submission, the fold named."""
     from safetensors.torch import load_file, save_file
@@ -132,6 +135,7 @@ def interrupted_copy(trained: Path, tmp_path: Path) -> Path:
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
 def test_damaged_done_marker_is_one_line_at_resume(trained, tmp_path, capsys, damage):
     run = interrupted_copy(trained, tmp_path)
@@ -143,6 +147,7 @@ def test_damaged_done_marker_is_one_line_at_resume(trained, tmp_path, capsys, da
     assert json.loads((run / "run.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["progress.json", "model-1.safetensors"])
 def test_damaged_saved_state_is_one_line_at_resume(trained, tmp_path, capsys, name):
     """A fold interrupted mid-training: its saved state (progress.json written last) damaged."""
@@ -159,6 +164,7 @@ def test_damaged_saved_state_is_one_line_at_resume(trained, tmp_path, capsys, na
     one_error_line(code, err, str(state / name), "delete")
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_without_status_file(trained, tmp_path, capsys):
     run = interrupted_copy(trained, tmp_path)
     (run / "run.json").write_text("")

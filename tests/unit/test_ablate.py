@@ -276,6 +276,7 @@ def _check_parent(client, parent, name: str, knobs: str) -> None:
     assert "| variant |" in local.read_text()
 
 
+@pytest.mark.slow
 def test_ablation_end_to_end_sqlite(tiny_data, tmp_path):
     """Fast: main stage only (aux=null), a variant that completes and one that crashes; the crash is contained."""
     path = tmp_path / "tiny.yaml"

@@ -170,6 +170,7 @@ def test_claim_direction_is_checked(tmp_path):
     assert load_ablation(path).direction("mse") == "not_better"
 
 
+@pytest.mark.slow
 def test_tracking_server_stops_with_every_process(tmp_path):
     server = TrackingServer(f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "server.log")
     url = server.start()
