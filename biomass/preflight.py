@@ -55,8 +55,14 @@ def check_models(cfg: ExperimentConfig, num_processes: int = 1) -> list[str]:
                 weights = Path(bb["weights"])
                 if not weights.is_file():
                     raise ConfigError(f"{stage.name}.model.backbone.weights: {weights} not found")
-                load_weights(model.backbone.model, weights, bb.get("strict", True), bb["model_name"],
-                             shapes_only=True)
+                target = model.backbone.model
+                if bb.get("peft"):  # adapters rename the wrapped layers: check the file against the bare backbone
+                    from biomass.registry import BACKBONES
+
+                    with torch.device("meta"):
+                        target = BACKBONES.build_node({**bb, "peft": None, "weights": None},
+                                                      tuple(stage_cfg.image.size)).model
+                load_weights(target, weights, bb.get("strict", True), bb["model_name"], shapes_only=True)
             check_forward(stage, stage_cfg, model, num_processes)
         except ConfigError as err:  # the builders name `model.backbone...`; say which stage
             msg = str(err)

@@ -122,6 +122,7 @@ def test_gpu_bench_runs_its_code_on_a_cpu(capsys):
     assert r["jpeg_decode"]["cpu_cv2_one_core_img_s"] > 0
 
 
+@pytest.mark.slow
 def test_memory_bench_cli_prints_gold_stages(capsys):
     assert bench_main(["memory", str(REPO / "experiments" / "gold.yaml"), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)

@@ -50,8 +50,10 @@ def test_folds_to_train(tmp_path):
     from biomass.config.load import load_experiment
     from helpers import DEMO
 
-    c = load_experiment(DEMO, ["main.folds.train_folds=[0, 2]"]).config
+    c = load_experiment(DEMO, ["main.folds.train_folds=[0, 2]", "aux=null"]).config
     assert folds_to_train(c.main, np.array([0, 1, 2, 0])) == [0, 2]
-    c = load_experiment(DEMO, ["main.folds.train_folds=[5]"]).config
-    with pytest.raises(ConfigError, match="fold 5 does not exist"):
-        folds_to_train(c.main, np.array([0, 1, 2]))
+    with pytest.raises(ConfigError, match="fold 5 does not exist"):  # known from the splitter: at validation
+        load_experiment(DEMO, ["main.folds.train_folds=[5]"])
+    c = load_experiment(DEMO, ["main.folds.train_folds=[2]", "aux=null"]).config
+    with pytest.raises(ConfigError, match="fold 2 does not exist"):  # a table with fewer folds than planned
+        folds_to_train(c.main, np.array([0, 1, 0]))
