@@ -186,7 +186,7 @@ def train_experiment(exp: Experiment, run_dir: Path | None = None, force: bool =
             for stage in stages:
                 oof[stage], results[stage] = train_stage(accelerator, cfg, stage, data, run, ids[stage], tracker,
                                                          progress, status["children"], on_child_started)
-        metrics, deployable, _ = compute_metrics(accelerator, cfg, data, run, ids, folds, oof[MAIN], results,
+        metrics, deployable = compute_metrics(accelerator, cfg, data, run, ids, folds, oof[MAIN], results,
                                                  oof.get(AUX), main_reads_tabular(cfg))
         if accelerator.is_main_process:
             write_outputs(cfg, data, run, oof[MAIN], oof.get(AUX), deployable, metrics, tracker)

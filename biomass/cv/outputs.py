@@ -51,17 +51,16 @@ def chain_runs(cfg: ExperimentConfig, main_uses_tabular: bool) -> bool:
 
 
 def deployable_predictions(accelerator, cfg: ExperimentConfig, data: TrainData, run: RunDir,
-                           fold_ids: dict[Stage, np.ndarray], folds: dict[Stage, list[int]]
-                           ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The chain out of fold: (biomass (n, 5), aux NDVI/Height (n, 2) or None), NaN where no fold held a row out."""
+                           fold_ids: dict[Stage, np.ndarray], folds: dict[Stage, list[int]]) -> np.ndarray:
+    """The chain out of fold: biomass (n, 5) in grams, NaN where no fold held a row out."""
     aux = held_out(fold_ids[AUX], folds[AUX]) if cfg.aux is not None else None
-    return run_chain(accelerator, run, cfg, data.images, aux, held_out(fold_ids[MAIN], folds[MAIN]))
+    return run_chain(accelerator, run, cfg, data.images, aux, held_out(fold_ids[MAIN], folds[MAIN]))[0]
 
 
 def compute_metrics(accelerator, cfg: ExperimentConfig, data: TrainData, run: RunDir,
                     fold_ids: dict[Stage, np.ndarray], folds: dict[Stage, list[int]], main_oof: np.ndarray,
                     results: dict[Stage, list[FoldResult]], aux_oof: np.ndarray | None, main_uses_tabular: bool
-                    ) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
+                    ) -> tuple[dict[str, Any], np.ndarray | None]:
     y = data.table[list(TARGETS)].to_numpy(np.float64)
     scored = ~np.isnan(main_oof).any(axis=1)
     report = score_report(y[scored], main_oof[scored])
@@ -76,8 +75,8 @@ def compute_metrics(accelerator, cfg: ExperimentConfig, data: TrainData, run: Ru
         aux = AUX.score(t[ok], aux_oof[ok])
         metrics.update({f"cv/aux_{n}_r2": aux[f"r2/{n}"] for n in TABULAR})
     if not chain_runs(cfg, main_uses_tabular):
-        return metrics, None, None
-    deployable, chain_aux = deployable_predictions(accelerator, cfg, data, run, fold_ids, folds)
+        return metrics, None
+    deployable = deployable_predictions(accelerator, cfg, data, run, fold_ids, folds)
     ok = ~np.isnan(deployable).any(axis=1)
     metrics["cv/weighted_r2_deployable"] = score_report(y[ok], deployable[ok])["weighted_r2"]
     metrics["cv/deployable_images_scored"] = int(ok.sum())
@@ -89,7 +88,7 @@ def compute_metrics(accelerator, cfg: ExperimentConfig, data: TrainData, run: Ru
         if accelerator.is_main_process:
             warnings.warn(f"the deployable CV is optimistic: {leak}", stacklevel=1)
             accelerator.print(f"warning: the deployable CV is optimistic: {leak}")
-    return metrics, deployable, chain_aux
+    return metrics, deployable
 
 
 def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
