@@ -13,7 +13,7 @@ here alone (`ChainSettings`).
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from biomass.config.schema import ExperimentConfig, StageConfig
+from biomass.config.schema import ExperimentConfig, StageConfig, TestTimeTraining
 from biomass.constants import TARGET_WEIGHTS
 from biomass.data.images import EpochSampler, ImageDataset, Reader, build_augment
 from biomass.data.scalers import Scaler
@@ -37,6 +37,7 @@ from biomass.post import project_mass_balance
 from biomass.registry import POSTS
 from biomass.rundir import RunDir
 from biomass.stages import AUX, MAIN, Stage
+from biomass.ttt import Labelled, finetune
 
 Assignment = dict[int, np.ndarray]  # fold -> rows of the image set that fold's model predicts
 
@@ -48,11 +49,12 @@ class ChainSettings:
     mass_balance: bool
     clip: bool
     post: tuple[dict, ...] = ()  # infer.post: post-processing steps (biomass.post), after mass_balance
+    ttt: TestTimeTraining | None = None  # infer.ttt: the optional third stage (biomass.ttt)
 
     @classmethod
     def of(cls, cfg: ExperimentConfig) -> ChainSettings:
         return cls(cfg.infer.crop, tuple(cfg.infer.tta), cfg.infer.mass_balance, cfg.infer.clip,
-                   tuple(cfg.infer.post))
+                   tuple(cfg.infer.post), cfg.infer.ttt)
 
     def crops(self, stage_cfg: StageConfig) -> bool:
         """Whether this stage's images are cropped to their boxes in the chain."""
@@ -125,14 +127,42 @@ def stage_reader(images: ImageSet, cfg: ExperimentConfig, stage_cfg: StageConfig
     return reader
 
 
+def predict_fold(accelerator: Accelerator, fm: FoldModel, reader: Reader, rows: np.ndarray,
+                 tabular: np.ndarray | None, tta: Sequence[str], batch_size: int) -> np.ndarray:
+    """One fold model's (len(rows), n_targets) predictions in original units, TTA views averaged in its raw output
+    space. `tabular`: NDVI/Height of the rows in original units (the fold model's own scaler standardises them)."""
+    if fm.tabular is not None:
+        if tabular is None or np.isnan(tabular).any():
+            raise ConfigError("the main model needs NDVI and Height, which test.csv lacks, and this run has no "
+                              "aux stage to predict them; train with an aux stage or an image_only head")
+        tab = fm.tabular.transform(tabular).astype(np.float32)
+    else:
+        tab = np.zeros((len(rows), 0), np.float32)
+    dataset = ImageDataset(lambda i: reader(int(rows[i])), len(rows), tab, None, build_augment([]), 0)
+    loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(rows), 0, False),
+                                            num_workers=0, pin_memory=torch.cuda.is_available()))
+    model = fm.model.eval()
+
+    def forward(batch):
+        raw = torch.stack([model(v, batch["tabular"]).float() for v in views(batch["image"], tta)]).mean(0)
+        return model.target_space.to_original(model.point(raw))
+
+    pred, index = gather_predictions(accelerator, loader, forward)
+    if not np.array_equal(index, np.arange(len(rows))):
+        raise RuntimeError(f"fold {fm.fold}: inference did not score every image exactly once")
+    return pred.astype(np.float64)
+
+
 def predict_stage(accelerator: Accelerator, run: RunDir, cfg: ExperimentConfig, stage: Stage, reader: Reader,
                   n_images: int, assignment: Assignment, tabular: np.ndarray | None = None,
                   tta: Sequence[str] = ("none",), weights: dict[int, float] | None = None,
                   batch_size: int | None = None, progress=None, check_finite: bool = False,
-                  image_names: Sequence[str] = ()) -> np.ndarray:
+                  image_names: Sequence[str] = (), adapt: Callable[[FoldModel, np.ndarray], None] | None = None
+                  ) -> np.ndarray:
     """(n_images, n_targets) predictions in original units: each row the weighted mean over the fold models
     assigned to it (NaN where none is). `tabular`: NDVI/Height in original units for a stage that reads them.
-    `check_finite`: a fold model that predicts NaN or inf for any image is an error naming it (test time)."""
+    `check_finite`: a fold model that predicts NaN or inf for any image is an error naming it (test time).
+    `adapt(fold_model, rows)`: changes each fold model (loaded in fp32) before it predicts its rows (infer.ttt)."""
     stage_cfg = stage.config(cfg)
     out = np.zeros((n_images, len(stage.targets)))
     total = np.zeros(n_images)
@@ -141,43 +171,34 @@ def predict_stage(accelerator: Accelerator, run: RunDir, cfg: ExperimentConfig, 
         if len(rows) == 0:
             continue
         fm = load_fold_model(run, stage, stage_cfg, fold, accelerator.device,
-                             getattr(torch, cfg.infer.weights_dtype))
-        if fm.tabular is not None:
-            if tabular is None or np.isnan(tabular[rows]).any():
-                raise ConfigError("the main model needs NDVI and Height, which test.csv lacks, and this run has no "
-                                  "aux stage to predict them; train with an aux stage or an image_only head")
-            tab = fm.tabular.transform(tabular[rows]).astype(np.float32)
-        else:
-            tab = np.zeros((len(rows), 0), np.float32)
-        dataset = ImageDataset(lambda i, rows=rows: reader(int(rows[i])), len(rows), tab, None, build_augment([]), 0)
-        loader = accelerator.prepare(DataLoader(
-            dataset, batch_size=batch_size or cfg.infer.batch_size, sampler=EpochSampler(len(rows), 0, False),
-            num_workers=0, pin_memory=torch.cuda.is_available()))
-        model = fm.model
-
-        def forward(batch, model=model):
-            raw = torch.stack([model(v, batch["tabular"]).float() for v in views(batch["image"], tta)]).mean(0)
-            return model.target_space.to_original(model.point(raw))
-
-        pred, index = gather_predictions(accelerator, loader, forward)
-        if not np.array_equal(index, np.arange(len(rows))):
-            raise RuntimeError(f"{stage.name} fold {fold}: inference did not score every image exactly once")
-        if check_finite and not np.isfinite(pred).all():
-            bad = int(np.flatnonzero(~np.isfinite(pred).all(axis=1))[0])
-            raise BiomassError(f"{run.checkpoint(stage, fold)}: {stage.name} fold {fold} predicts a non-finite value "
-                               f"({pred[bad].tolist()}) for image {image_names[rows[bad]]!r} with infer.tta="
-                               f"{list(tta)}; no submission written (the checkpoint is damaged or its training "
-                               "diverged: retrain that fold)")
+                             torch.float32 if adapt is not None else getattr(torch, cfg.infer.weights_dtype))
+        if adapt is not None:
+            adapt(fm, rows)
+        pred = predict_fold(accelerator, fm, reader, rows, None if tabular is None else tabular[rows], tta,
+                            batch_size or cfg.infer.batch_size)
+        if check_finite:
+            require_finite(pred, f"{run.checkpoint(stage, fold)}: {stage.name} fold {fold}"
+                           f"{' after infer.ttt fine-tuning' if adapt is not None else ''}", rows, image_names, tta)
         w = 1.0 if weights is None else float(weights[fold])
-        out[rows] += w * pred.astype(np.float64)
+        out[rows] += w * pred
         total[rows] += w
-        del fm, model, loader, forward  # forward holds the model: drop both before the next one loads
+        del fm, pred  # the fold model goes before the next one loads
         gc.collect()
-        accelerator.free_memory()  # the fold model goes before the next one loads
+        accelerator.free_memory()
         if progress is not None:
             progress()
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total[:, None] > 0, out / np.where(total > 0, total, 1.0)[:, None], np.nan)
+
+
+def require_finite(pred: np.ndarray, who: str, rows: np.ndarray, image_names: Sequence[str],
+                   tta: Sequence[str]) -> None:
+    if np.isfinite(pred).all():
+        return
+    bad = int(np.flatnonzero(~np.isfinite(pred).all(axis=1))[0])
+    raise BiomassError(f"{who} predicts a non-finite value ({pred[bad].tolist()}) for image "
+                       f"{image_names[rows[bad]]!r} with infer.tta={list(tta)}; no submission written (the checkpoint "
+                       "is damaged or its training diverged: retrain that fold)")
 
 
 def mass_balance(pred: np.ndarray, weights=TARGET_WEIGHTS) -> np.ndarray:
@@ -198,12 +219,13 @@ def postprocess(pred: np.ndarray, settings: ChainSettings) -> np.ndarray:
 
 def run_chain(accelerator: Accelerator, run: RunDir, cfg: ExperimentConfig, images: ImageSet,
               aux: Assignment | None, main: Assignment, main_weights: dict[int, float] | None = None,
-              in_memory: bool = False, batch_size: int | None = None, progress=None, check_finite: bool = False
-              ) -> tuple[np.ndarray, np.ndarray | None]:
+              in_memory: bool = False, batch_size: int | None = None, progress=None, check_finite: bool = False,
+              labelled: Labelled | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Biomass predictions (n, 5) in grams after post-processing, and the aux NDVI/Height (n, 2) or None.
 
     `aux`/`main` assign rows to fold models; a main row whose aux prediction is missing is not predicted (NaN).
     `check_finite` (test time): a fold model's non-finite prediction is an error naming the fold and the image.
+    `labelled`: the training images, which `infer.ttt` fine-tunes on beside the pseudo-labelled ones.
     """
     settings = ChainSettings.of(cfg)
     memo: dict = {}
@@ -220,7 +242,38 @@ def run_chain(accelerator: Accelerator, run: RunDir, cfg: ExperimentConfig, imag
                          image_names=images.image_paths)
     ok = ~np.isnan(pred).any(axis=1)
     pred[ok] = postprocess(pred[ok], settings)
+    if settings.ttt is not None:
+        if labelled is None:
+            raise ValueError("infer.ttt needs the training images (`labelled`)")
+        pred = test_time_train(accelerator, run, cfg, reader, main, main_weights, pred, aux_pred, labelled,
+                               images.image_paths, batch_size, progress, check_finite)
     return pred, aux_pred
+
+
+def test_time_train(accelerator: Accelerator, run: RunDir, cfg: ExperimentConfig, reader: Reader, main: Assignment,
+                    main_weights: dict[int, float] | None, chain: np.ndarray, aux_pred: np.ndarray | None,
+                    labelled: Labelled, image_names: Sequence[str], batch_size: int | None = None, progress=None,
+                    check_finite: bool = False) -> np.ndarray:
+    """`infer.ttt`: each main fold model, fine-tuned on its training images + its rows pseudo-labelled with the chain's
+    predictions (`chain`, NDVI/Height from the aux stage), predicts those rows again; the folds blend as in the chain,
+    are post-processed alike, and the result is (1 - blend) * chain + blend * fine-tuned. Models one at a time."""
+    settings = ChainSettings.of(cfg)
+    main = {k: rows[np.isfinite(chain[rows]).all(axis=1)] for k, rows in main.items()}
+
+    def adapt(fm: FoldModel, rows: np.ndarray) -> None:
+        # in name order: the fine-tuning's batches do not depend on how the caller ordered its images (the CV's
+        # held-out rows and the same images as a test set then train alike)
+        rows = rows[np.argsort([image_names[r] for r in rows], kind="stable")]
+        fm.model = finetune(accelerator, cfg, fm.model, fm.tabular, fm.fold, labelled, reader, rows,
+                            None if aux_pred is None else aux_pred[rows], chain[rows])
+
+    tuned = predict_stage(accelerator, run, cfg, MAIN, reader, len(chain), main, tabular=aux_pred, tta=settings.tta,
+                          weights=main_weights, batch_size=batch_size, progress=progress,
+                          check_finite=check_finite, image_names=image_names, adapt=adapt)
+    ok = ~np.isnan(tuned).any(axis=1)
+    tuned[ok] = postprocess(tuned[ok], settings)
+    blend = settings.ttt.blend
+    return (1.0 - blend) * chain + blend * tuned
 
 
 def fold_weights(cfg: ExperimentConfig, run: RunDir, folds: list[int]) -> dict[int, float]:
@@ -256,4 +309,4 @@ def held_out(fold_ids: np.ndarray, folds: list[int]) -> Assignment:
 
 
 __all__ = ["ChainSettings", "FoldModel", "every_fold", "fold_weights", "held_out", "mass_balance",
-           "needs_boxes", "postprocess", "predict_stage", "run_chain", "views"]
+           "needs_boxes", "postprocess", "predict_fold", "predict_stage", "run_chain", "test_time_train", "views"]

@@ -153,11 +153,14 @@ class RunDir:
                                "directory is damaged: retrain") from None
 
     # -------------------------------------------------------------------------------------------------- folds
-    def write_folds(self, table: pd.DataFrame, fold_ids: dict[Stage, np.ndarray]) -> None:
+    def write_folds(self, table: pd.DataFrame, fold_ids: dict[Stage, np.ndarray]) -> int:
+        """Writes folds.csv; returns its row count, which run.json keeps (`folds_rows`) so that a table cut at a row
+        boundary, still valid CSV, is caught by `read_folds`."""
         df = table[["image_id", "image_path"]].copy()
         for stage, ids in fold_ids.items():
             df[f"{stage.name}_fold"] = ids
         write_csv_atomic(df, self.path / FOLDS, index=False)
+        return len(df)
 
     def read_folds(self) -> pd.DataFrame:
         path = self.path / FOLDS
@@ -170,6 +173,10 @@ class RunDir:
                                "the run directory is damaged: retrain") from None
         if df.empty or "image_path" not in df.columns:
             raise BiomassError(f"{path}: empty or without an image_path column; the run directory is damaged")
+        rows = self.read_status().get("folds_rows") if (self.path / STATUS).is_file() else None
+        if rows is not None and len(df) != rows:
+            raise BiomassError(f"{path}: {len(df)} rows, but the run wrote {rows} (truncated or edited); the run "
+                               "directory is damaged: retrain")
         for col in ["image_path", *(c for c in df.columns if c.endswith("_fold"))]:
             values = df[col]
             bad = values.isna() | (False if col == "image_path" else
@@ -185,6 +192,18 @@ class RunDir:
         if col not in df.columns:
             raise BiomassError(f"{self.path / FOLDS}: no column {col!r}; it does not belong to this run's {CONFIG}")
         return df[col].to_numpy()
+
+    def fold_ids_of(self, stage: Stage, image_paths: list[str]) -> np.ndarray:
+        """The stage's fold of each of `image_paths` (as folds.csv names them), -1 for an image the run did not
+        train on; every image the run trained on must be among them (test-time training re-reads them)."""
+        df = self.read_folds()
+        by_path = dict(zip(df["image_path"], self.fold_ids(stage)))
+        missing = sorted(set(by_path) - set(image_paths))
+        if missing:
+            raise BiomassError(f"{self.path / FOLDS}: the run trained on {missing[0]!r}, which the data's train table "
+                               f"lacks ({len(missing)} image(s)); infer.ttt fine-tunes on the run's training images: "
+                               "point --data at the data it trained on")
+        return np.array([by_path.get(p, -1) for p in image_paths], dtype=np.int64)
 
     def read_fold_result(self, stage: Stage, fold: int) -> dict[str, Any]:
         """A finished fold's done.json (its best epoch, scores and held-out predictions), checked."""

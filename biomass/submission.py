@@ -14,11 +14,12 @@ import pandas as pd
 
 from biomass.chain import every_fold, fold_weights, needs_boxes, run_chain
 from biomass.constants import TARGETS
-from biomass.data.source import load_test_images
+from biomass.data.source import load_test_images, load_train_data
 from biomass.errors import BiomassError
 from biomass.places import require_writable, write_csv_atomic
 from biomass.rundir import RunDir
 from biomass.stages import AUX, MAIN
+from biomass.ttt import labelled_from
 from biomass.ui import Progress, progress_enabled
 
 
@@ -45,13 +46,19 @@ def write_submission(run_dir: Path, data_dir: Path, out: Path, batch_size: int |
     weights = fold_weights(cfg, run, main_folds) if len(main_folds) == len(run.trained_folds(MAIN, cfg.main)) \
         else {k: 1.0 / len(main_folds) for k in main_folds}
 
+    labelled = None
+    if cfg.infer.ttt is not None:  # test-time training re-reads the run's training images from the same data root
+        data = load_train_data(cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": Path(data_dir)})}))
+        labelled = labelled_from(cfg, data, run.fold_ids_of(MAIN, list(data.table["image_path"])), main_folds)
+
     accelerator = make_accelerator(cfg)
     start = time.time()
     with Progress(progress_enabled() and accelerator.is_main_process) as progress:
-        task = progress.task("fold models", len(main_folds) + len(aux_folds))
+        n_ttt = len(main_folds) if cfg.infer.ttt is not None else 0
+        task = progress.task("fold models", len(main_folds) + len(aux_folds) + n_ttt)
         pred, _ = run_chain(accelerator, run, cfg, images, every_fold(aux_folds, len(images)) if cfg.aux else None,
                             every_fold(main_folds, len(images)), weights, in_memory=True, batch_size=batch_size,
-                            progress=lambda: progress.advance(task), check_finite=True)
+                            progress=lambda: progress.advance(task), check_finite=True, labelled=labelled)
     seconds = time.time() - start
     if not np.isfinite(pred).all():
         bad = int(np.flatnonzero(~np.isfinite(pred).all(axis=1))[0])

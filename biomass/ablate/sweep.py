@@ -332,7 +332,8 @@ def _run_children(children: dict[str, Child], ablations: list[Ablation], trackin
             results[key] = read_result(result, 0, child.folder)
             results[key].duration_s = sum(a.get("duration_s", 0.0) for a in attempts)
             continue
-        if state == "failed" and len(attempts) > MAX_RETRIES:
+        # "new" with attempts: every attempt stopped before its run directory existed (a config error)
+        if state in ("failed", "new") and len(attempts) > MAX_RETRIES:
             results[key] = read_result(result, attempts[-1].get("exit_code"), child.folder)
             continue
         child.folder.mkdir(parents=True, exist_ok=True)

@@ -130,6 +130,16 @@ class StageConfig(Section):
     init_from: Literal["main/fold0", "main/same_fold"] | None = None  # aux stage: start from a main checkpoint
 
 
+class TestTimeTraining(Section):
+    """`infer.ttt`: fine-tune each main fold on its training images + the chain's pseudo-labels of the images it
+    predicts, predict them again and blend (8th place). Runs wherever the chain runs: the submission and the
+    deployable CV (on each fold's held-out images), so the CV measures it."""
+
+    epochs: PositiveInt = 2
+    blend: float = Field(0.8, ge=0.0, le=1.0)  # final = (1 - blend) * chain + blend * fine-tuned
+    lr: PositiveFloat | None = None  # None: a tenth of main.optim.lr
+
+
 class InferConfig(Section):
     """The aux->main chain's settings, read alike by the deployable CV and by `biomass.infer` (biomass.chain)."""
 
@@ -148,6 +158,7 @@ class InferConfig(Section):
 
         return [shorthand(v) for v in value] if isinstance(value, list) else value
     batch_size: PositiveInt = 8
+    ttt: TestTimeTraining | None = None  # test-time training on pseudo-labels (biomass.ttt); off as in the seed
     weights_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: fold models held in half the memory
 
 

@@ -50,8 +50,7 @@ def train_stage(accelerator, cfg: ExperimentConfig, stage: Stage, data: TrainDat
                 tracker: Tracker, progress: Progress, children: dict[str, str], on_child_started
                 ) -> tuple[np.ndarray, list[FoldResult]]:
     stage_cfg = stage.config(cfg)
-    reader = data.images.reader(stage_cfg.image.size, stage_cfg.image.crop, stage_cfg.image.layout,
-                                cfg.data.cache_dir)
+    reader = data.stage_reader(stage_cfg, cfg.data.cache_dir)
     oof = np.full((len(data.table), len(stage.targets)), np.nan)
     results = []
     chosen = folds_to_train(stage_cfg, ids)
@@ -134,6 +133,13 @@ def train_experiment(exp: Experiment, run_dir: Path | None = None, force: bool =
         ensure_demo_data(exp)
     accelerator.wait_for_everyone()
     data = load_train_data(cfg)  # every check before the first training step
+    stages = configured(cfg)
+    ids = {stage: fold_ids(cfg, stage, data.table) for stage in stages}
+    folds = {stage: folds_to_train(stage.config(cfg), ids[stage]) for stage in stages}
+    # the models on the meta device (a forward pass at the configured size) and every fold's batches: an error here
+    # names the key before the run directory exists, so nothing is half-written and a retry needs no --force
+    check_models(cfg, num_processes=accelerator.num_processes)
+    check_batches(cfg, ids, accelerator.num_processes)
 
     if resume:
         holder = [str(run_dir)]
@@ -141,9 +147,6 @@ def train_experiment(exp: Experiment, run_dir: Path | None = None, force: bool =
         holder = [str(RunDir.create(cfg.name, run_dir, force).path) if accelerator.is_main_process else None]
     broadcast_object_list(holder)
     run = RunDir(Path(holder[0]))
-    stages = configured(cfg)
-    ids = {stage: fold_ids(cfg, stage, data.table) for stage in stages}
-    folds = {stage: folds_to_train(stage.config(cfg), ids[stage]) for stage in stages}
 
     tracker = Tracker(cfg.tracking.mlflow and accelerator.is_main_process)
     status: dict[str, Any] = {"status": "running", "biomass_version": __version__,
@@ -153,7 +156,8 @@ def train_experiment(exp: Experiment, run_dir: Path | None = None, force: bool =
     previous: dict[str, Any] = {}
     if resume:
         previous = run.read_status()
-        status.update({k: previous[k] for k in ("experiment", "overrides", "started", "children") if k in previous})
+        status.update({k: previous[k] for k in ("experiment", "overrides", "started", "children", "folds_rows")
+                       if k in previous})
         status["resumed"] = previous.get("resumed", 0) + 1
     signal.signal(signal.SIGTERM, _raise_interrupt)
     if resume and accelerator.is_main_process:
@@ -165,7 +169,7 @@ def train_experiment(exp: Experiment, run_dir: Path | None = None, force: bool =
     elif accelerator.is_main_process:
         print_config_tree(console, cfg)
         run.write_config(cfg)
-        run.write_folds(data.table, ids)
+        status["folds_rows"] = run.write_folds(data.table, ids)
         all_tags = {**git_state(Path(__file__).parent), "experiment_file": str(exp.path), "run_dir": str(run),
                     **(tags or {})}
         status["mlflow_run_id"] = tracker.start(cfg.tracking.experiment or cfg.name, all_tags.get("variant", cfg.name),
@@ -173,10 +177,6 @@ def train_experiment(exp: Experiment, run_dir: Path | None = None, force: bool =
         run.write_status(status)
         console.print(f"run directory: {run}")
     try:
-        # the models on the meta device (a forward pass at the configured size) and every fold's batches: an error
-        # here names the key before the first training step (inside `try`: the run is recorded as failed)
-        check_models(cfg, num_processes=accelerator.num_processes)
-        check_batches(cfg, ids, accelerator.num_processes)
         with Progress(progress_enabled() and accelerator.is_main_process) as progress:
             def on_child_started() -> None:  # record child run ids: a resumed run continues them
                 run.write_status(status)

@@ -24,6 +24,7 @@ from biomass.metrics import score_report
 from biomass.rundir import AUX_OOF, CONFIG, FOLDS, METRICS, OOF, OOF_DEPLOYABLE, PLOTS, RunDir
 from biomass.stages import AUX, MAIN, Stage
 from biomass.tracking import Tracker, scatter_plot
+from biomass.ttt import labelled_from
 
 
 def long_format(image_ids: pd.Series, values: np.ndarray, names=TARGETS) -> pd.DataFrame:
@@ -52,9 +53,12 @@ def chain_runs(cfg: ExperimentConfig, main_uses_tabular: bool) -> bool:
 
 def deployable_predictions(accelerator, cfg: ExperimentConfig, data: TrainData, run: RunDir,
                            fold_ids: dict[Stage, np.ndarray], folds: dict[Stage, list[int]]) -> np.ndarray:
-    """The chain out of fold: biomass (n, 5) in grams, NaN where no fold held a row out."""
+    """The chain out of fold: biomass (n, 5) in grams, NaN where no fold held a row out. With `infer.ttt` each main
+    fold fine-tunes on its training images + its held-out images pseudo-labelled, as it would on the test set."""
     aux = held_out(fold_ids[AUX], folds[AUX]) if cfg.aux is not None else None
-    return run_chain(accelerator, run, cfg, data.images, aux, held_out(fold_ids[MAIN], folds[MAIN]))[0]
+    labelled = labelled_from(cfg, data, fold_ids[MAIN], folds[MAIN]) if cfg.infer.ttt is not None else None
+    return run_chain(accelerator, run, cfg, data.images, aux, held_out(fold_ids[MAIN], folds[MAIN]),
+                     labelled=labelled)[0]
 
 
 def compute_metrics(accelerator, cfg: ExperimentConfig, data: TrainData, run: RunDir,

@@ -46,6 +46,10 @@ class TrainData:
     def root(self) -> Path:
         return self.images.root
 
+    def stage_reader(self, stage_cfg, cache_dir: Path | None) -> Reader:
+        """The images framed as a stage trains on them (its crop, size and layout)."""
+        return self.images.reader(stage_cfg.image.size, stage_cfg.image.crop, stage_cfg.image.layout, cache_dir)
+
 
 def needs_crops(cfg: ExperimentConfig) -> bool:
     """Whether any stage trains on cropped images."""

@@ -125,6 +125,57 @@ def test_deployable_cv_is_what_inference_computes(tiny_run, tmp_path, fold):
     np.testing.assert_allclose(got.to_numpy(), oof.loc[got.index].to_numpy(), atol=1e-5, rtol=1e-5)
 
 
+def fold_as_test_set(run: Path, root: Path, fold: int, data: Path) -> list[str]:
+    """A data root whose test.csv is main fold `fold`'s validation images (train.csv and train/ beside it)."""
+    folds = pd.read_csv(run / "folds.csv")
+    paths = folds.loc[folds["main_fold"] == fold, "image_path"]
+    train = pd.read_csv(root / "train.csv")
+    data.mkdir()
+    train[train["image_path"].isin(paths)][["sample_id", "image_path", "target_name"]].to_csv(data / "test.csv",
+                                                                                             index=False)
+    os.symlink(root / "train", data / "train")
+    for name in ("train.csv", "crops.csv"):  # the training images infer.ttt fine-tunes on, framed as they trained
+        os.symlink(root / name, data / name)
+    return list(paths)
+
+
+def test_test_time_training_in_the_cv_is_what_inference_computes(tiny_run, tmp_path):
+    """`infer.ttt`: the deployable CV fine-tunes fold k on its training images + its held-out images pseudo-labelled,
+    exactly as inference on those images (as the test set) with fold k's models does; and it changes the result."""
+    import shutil
+
+    from biomass.config.schema import TestTimeTraining
+    from biomass.cv.outputs import deployable_predictions
+    from biomass.data.source import load_train_data
+    from biomass.engine.build import make_accelerator
+    from biomass.stages import AUX, MAIN
+    from biomass.submission import write_submission
+
+    run, root = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cfg = RunDir(copy).read_config()
+    cfg.infer.ttt = TestTimeTraining(epochs=1, blend=0.6, lr=1e-3)
+    RunDir(copy).write_config(cfg)
+    cfg = RunDir(copy).read_config()  # as inference reads it
+    assert cfg.infer.ttt.blend == 0.6
+    data = load_train_data(cfg)
+    ids = {s: RunDir(copy).fold_ids(s) for s in (MAIN, AUX)}
+    deployable = deployable_predictions(make_accelerator(cfg), cfg, data, RunDir(copy), ids,
+                                        {s: sorted(set(v.tolist())) for s, v in ids.items()})
+    oof = pd.read_csv(run / "oof_deployable.csv").set_index("sample_id")["target"]  # the chain without ttt
+    by_image = dict(zip(data.table["image_id"], deployable))
+    ttt_oof = pd.Series({f"{i}__{t}": by_image[i][j] for i in data.table["image_id"] for j, t in enumerate(TARGETS)})
+    assert np.abs(ttt_oof.loc[oof.index].to_numpy() - oof.to_numpy()).max() > 1e-3  # the fine-tuning did something
+
+    fold = 1
+    paths = fold_as_test_set(copy, root, fold, tmp_path / "data")
+    sub = write_submission(copy, tmp_path / "data", tmp_path / "sub.csv", main_folds=[fold], aux_folds=[fold])
+    got = sub.set_index("sample_id")["target"]
+    assert len(got) == 5 * len(paths)
+    np.testing.assert_allclose(got.to_numpy(), ttt_oof.loc[got.index].to_numpy(), atol=1e-4, rtol=1e-4)
+
+
 def test_deployable_metric_scores_the_deployable_oof(tiny_run):
     from biomass.metrics import weighted_r2
 

@@ -374,3 +374,30 @@ def test_cli_unknown_key_is_one_line(cli_runs) -> None:
     assert lines[0].startswith("error:")
     assert "'some.unknown'" in lines[0]
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(("n_train", "drop_last", "refused"), [
+    (9, False, True),    # 9 = 2 x 4 + 1: the last batch of a BatchNorm head holds one image
+    (9, True, False),    # ... unless it is dropped
+    (8, False, False),   # batches of 4 and 4
+    (1, True, True),     # a fold of one image cannot drop its only batch
+])
+def test_check_batches_refuses_a_last_batch_of_one_image(n_train, drop_last, refused, tmp_path):
+    """`preflight.check_batches` at training start: the demo's main head (fusion MLP) has BatchNorm, so a fold whose
+    last training batch holds 1 image is one error naming the fold, its size and both ways out."""
+    import numpy as np
+
+    from biomass.preflight import check_batches
+    from biomass.stages import MAIN
+
+    cfg = load_experiment(DEMO, [f"data.root={tmp_path}", "main.train.batch_size=4",
+                                 f"main.train.drop_last={str(drop_last).lower()}"]).config
+    ids = np.array([0] * 3 + [1] * n_train)  # fold 0 trains on the n_train images of fold 1
+    if not refused:
+        check_batches(cfg, {MAIN: ids})
+        return
+    with pytest.raises(ConfigError) as err:
+        check_batches(cfg, {MAIN: ids})
+    msg = str(err.value)
+    assert f"fold 0 has {n_train} training images" in msg
+    assert "main.train.drop_last=true" in msg and "main.train.batch_size" in msg

@@ -41,6 +41,24 @@ def test_an_empty_folds_table_is_named(tmp_path):
         RunDir(tmp_path).fold_ids(MAIN)
 
 
+def test_a_folds_table_cut_at_a_row_boundary_is_named(tmp_path):
+    """A folds.csv that lost whole rows is still valid CSV: run.json's `folds_rows` (what write_folds returned) is
+    what catches it."""
+    import pandas as pd
+
+    from biomass.stages import AUX
+
+    run = RunDir(tmp_path)
+    table = pd.DataFrame({"image_id": [f"ID{i}" for i in range(6)], "image_path": [f"train/{i}.jpg" for i in range(6)]})
+    rows = run.write_folds(table, {MAIN: np.array([0, 1, 2] * 2), AUX: np.array([0, 1] * 3)})
+    run.write_status({"status": "completed", "folds_rows": rows})
+    assert list(run.fold_ids(MAIN)) == [0, 1, 2] * 2
+    lines = (tmp_path / "folds.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "folds.csv").write_text("".join(lines[:4]))
+    with pytest.raises(BiomassError, match=r"folds.csv: 3 rows, but the run wrote 6 \(truncated or edited\)"):
+        run.fold_ids(MAIN)
+
+
 def test_status_carries_the_format_version(tmp_path):
     RunDir(tmp_path).write_status({"status": "running"})
     assert json.loads((tmp_path / "run.json").read_text())["format_version"] == 1
