@@ -22,7 +22,19 @@ def main(argv: list[str] | None = None) -> int:
                 for k, p in reg.parameters(name).items()
             )
             table.add_row(kind, name, params, reg.describe(name))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    from biomass.config.schema import WINNERS_KNOBS
+    from biomass.data.augment import TRANSFORMS
+
+    knobs = Table(title="knobs for the winning solutions' ideas (docs/COMPONENTS.md)")
+    for col in ("key", "what it does", "from"):
+        knobs.add_column(col, no_wrap=col == "key")
+    for row in WINNERS_KNOBS:
+        knobs.add_row(*row)
+    for name, cls in TRANSFORMS.items():
+        knobs.add_row(f"augment: {name}", (inspect.getdoc(cls) or "").splitlines()[0], "albumentations transform")
+    console.print(knobs)
     return 0
 
 

@@ -196,3 +196,20 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [plain(v) for v in obj]
     return obj
+
+
+# The knobs (not registry components) that carry the winning solutions' ideas, listed by `python -m
+# biomass.components` beside the registries; a test resolves every path against the schema above. (path in a stage
+# config or the experiment, what it does, where it came from)
+WINNERS_KNOBS: tuple[tuple[str, str, str], ...] = (
+    ("main.model.backbone.out_indices", "intermediate blocks' tokens (timm forward_intermediates)", "6th, 13th"),
+    ("main.model.backbone.peft", "LoRA / DoRA adapters on a frozen backbone (peft)", "6th"),
+    ("main.image.layout", "halves: the photo's 1:1 halves as two views (with main.model.fusion)", "1st, 9th"),
+    ("main.train.ema", "EMA of the weights, evaluated and saved (timm ModelEmaV3)", "1st, 6th, 9th, 10th"),
+    ("main.train.warmup_frozen_epochs", "the head trains alone for the first N epochs", "1st, 8th (b)"),
+    ("main.optim.layer_decay", "layer-wise LR decay (timm param groups)", "ViT fine-tuning practice"),
+    ("main.augment.train", "DateStamp, RedDot, VerticalStripShuffle (biomass.data.augment)", "10th, 3rd"),
+    ("infer.post", "post-processing steps (registry post-processing)", "1st, 8th (a), 9th"),
+    ("infer.ttt", "test-time training on the chain's pseudo-labels, blended (biomass.ttt)", "8th (a)"),
+)
+

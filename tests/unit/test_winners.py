@@ -320,3 +320,34 @@ def test_recipes_equal_their_ablation_variant_and_build(place):
     out = model(torch.zeros(2, 3, h, w * (2 if cfg.main.image.layout == "halves" else 1), dtype=torch.uint8),
                 torch.zeros(2, 2))
     assert out.shape == (2, 5 * loss.outputs_per_target)
+
+
+KNOB_EXAMPLES = {  # one valid value per knob of schema.WINNERS_KNOBS, as a command-line override would give it
+    "main.model.backbone.out_indices": "[-2, -1]",
+    "main.model.backbone.peft": "{method: lora, r: 4, alpha: 8, targets: [conv2]}",
+    "main.image.layout": "halves",
+    "main.train.ema": "{decay: 0.99}",
+    "main.train.warmup_frozen_epochs": "2",
+    "main.optim.layer_decay": "0.8",
+    "main.augment.train": "[{name: DateStamp}, {name: RedDot}, {name: VerticalStripShuffle}]",
+    "infer.post": "[mass_balance, {clover_scale: 0.8}]",
+    "infer.ttt": "{epochs: 1, blend: 0.8}",
+}
+
+
+def test_every_listed_winners_knob_is_a_config_key():
+    """What `python -m biomass.components` lists as the winners' knobs resolves through the schema: each path set on
+    the demo validates (unknown keys are refused) and reads back."""
+    import yaml
+
+    from biomass.config.schema import WINNERS_KNOBS
+
+    assert {path for path, _, _ in WINNERS_KNOBS} == set(KNOB_EXAMPLES)
+    for path, value in KNOB_EXAMPLES.items():
+        cfg = load_experiment(DEMO, [f"{path}={value}"]).config.dump()
+        node = cfg
+        for part in path.split("."):
+            node = node[part]
+        expected = yaml.safe_load(value)
+        assert node == expected or (isinstance(node, dict) and expected.items() <= node.items()) or \
+            (isinstance(node, list) and len(node) == len(expected)), (path, node)
