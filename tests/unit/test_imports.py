@@ -110,3 +110,17 @@ def test_a_detected_circle_fails(tmp_path):
             test_no_import_circles()
     finally:
         PACKAGE = saved
+
+
+def test_importing_biomass_turns_off_what_calls_out():
+    """Offline by default: albumentations' update check and MLflow's telemetry (whose thread also raced other
+    threads over os.environ and killed a sweep child) are off once biomass is imported, in a clean process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_DISABLE_TELEMETRY", "NO_ALBUMENTATIONS_UPDATE")}
+    code = ("import biomass, os; from mlflow.telemetry.utils import is_telemetry_disabled; "
+            "print(is_telemetry_disabled(), os.environ['NO_ALBUMENTATIONS_UPDATE'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "1"]
