@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from biomass.ablate.spec import BASELINE, DEPLOYABLE, ORACLE, Ablation, shown_changes
-from biomass.ablate.stats import CONFIRMED, CONTRADICTED, UNRESOLVED, compare_runs, forest_plot, verdict
+from biomass.ablate.stats import CONFIRMED, CONTRADICTED, NO_CLAIM, UNRESOLVED, compare_runs, forest_plot, verdict
 from biomass.constants import SHORT, TARGETS
 
 
@@ -116,7 +116,7 @@ def add_intervals(ablation: Ablation, rows: list[dict[str, Any]], results: list[
 def overall_verdict(rows: list[dict[str, Any]]) -> str:
     """The file's claim covers all its variants: confirmed when every variant confirms it, contradicted when any
     contradicts it, else unresolved."""
-    verdicts = [r.get("verdict") for r in rows if r["variant"] != BASELINE]
+    verdicts = [r.get("verdict") for r in rows if r["variant"] != BASELINE and r.get("verdict") != NO_CLAIM]
     if verdicts and all(v == CONFIRMED for v in verdicts):
         return CONFIRMED
     if any(v == CONTRADICTED for v in verdicts):

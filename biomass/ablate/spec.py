@@ -7,7 +7,7 @@ and the variants, each a mapping of dotted config keys to values:
     claim: pure MSE, quantile, log and direct-R2 losses did not beat weighted SmoothL1
     base: ../experiments/gold.yaml     # relative to this file; --base replaces it
     knobs: [main.loss]
-    claim_direction: not_better        # optional: not_better (default) | better | worse, or one per variant
+    claim_direction: not_better        # optional: not_better (default) | better | worse | none, or one per variant
     margin: 0.0                        # optional: practical-equivalence margin on Δ weighted R²
     variants:
       mse: {main.loss: {name: mse}}
@@ -17,8 +17,9 @@ changes is replaced whole), validated, and compared with the base key by key. Th
 `baseline`.
 
 `claim_direction` says what the claim predicts for Δ = variant − baseline (biomass.ablate.stats.verdict judges it
-from the bootstrap CI): `not_better` (the graveyard: the variant does not beat the baseline), `better` or `worse`;
-one value for every variant, or a mapping variant -> value.
+from the bootstrap CI): `not_better` (the graveyard: the variant does not beat the baseline), `better` or `worse`,
+or `none` (the variant is shown for its numbers and judges no claim); one value for every variant, or a mapping
+variant -> value.
 """
 from __future__ import annotations
 

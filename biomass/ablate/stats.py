@@ -35,7 +35,8 @@ from biomass.errors import DataError
 from biomass.metrics import weighted_r2
 
 OOF_FILES = {True: "oof_deployable.csv", False: "oof.csv"}
-CLAIMS = ("not_better", "better", "worse")
+CLAIMS = ("not_better", "better", "worse", "none")  # none: a variant shown for its numbers, which judge no claim
+NO_CLAIM = "no claim"
 CONFIRMED, CONTRADICTED, UNRESOLVED = "confirmed", "contradicted", "unresolved at this scale"
 
 
@@ -208,9 +209,12 @@ def verdict(ci_lo: float, ci_hi: float, claim_direction: str, margin: float = 0.
       (the exact complement of 'better'; with m = 0 a variant identical to the baseline, CI (0, 0), confirms it)
     - 'worse'      (Δ < −m):  confirmed if ci_hi < −m;  contradicted if ci_lo >= −m;  else unresolved.
       (with m = 0 a CI of (0, 0) contradicts 'worse': the same score is not worse)
+    - 'none': the variant judges no claim (its CI cannot measure it, say): 'no claim', left out of the file's verdict.
     """
     if claim_direction not in CLAIMS:
         raise ValueError(f"claim_direction must be one of {', '.join(CLAIMS)}, got {claim_direction!r}")
+    if claim_direction == "none":
+        return NO_CLAIM
     lo, hi, m = float(ci_lo), float(ci_hi), float(margin)
     if not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(m)):
         raise ValueError(f"ci_lo, ci_hi and margin must be finite, got {ci_lo}, {ci_hi}, {margin}")
@@ -367,5 +371,5 @@ def forest_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str)
     return path
 
 
-__all__ = ["CLAIMS", "CONFIRMED", "CONTRADICTED", "OOF_FILES", "UNRESOLVED", "bootstrap_counts", "compare_runs",
+__all__ = ["CLAIMS", "CONFIRMED", "CONTRADICTED", "NO_CLAIM", "OOF_FILES", "UNRESOLVED", "bootstrap_counts", "compare_runs",
            "forest_plot", "load_oof", "paired_bootstrap_delta", "verdict"]

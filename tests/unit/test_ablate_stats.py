@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from biomass.ablate.stats import (
-    CONFIRMED, CONTRADICTED, UNRESOLVED, bootstrap_counts, compare_runs, forest_plot, load_oof,
+    CONFIRMED, CONTRADICTED, NO_CLAIM, UNRESOLVED, bootstrap_counts, compare_runs, forest_plot, load_oof,
     paired_bootstrap_delta, verdict,
 )
 from biomass.constants import TARGETS
@@ -171,9 +171,20 @@ def test_bootstrap_is_fast_at_competition_scale():
     (-0.02, -0.006, "worse", 0.005, CONFIRMED),
     (-0.02, -0.004, "worse", 0.005, UNRESOLVED),
     (-0.005, 0.01, "worse", 0.005, CONTRADICTED),
+    # none: numbers without a claim (a Δ that cannot measure it)
+    (0.0, 0.0, "none", 0.0, NO_CLAIM),
+    (-0.2, -0.1, "none", 0.0, NO_CLAIM),
 ])
 def test_verdict_branches(lo, hi, claim, margin, expected):
     assert verdict(lo, hi, claim, margin=margin) == expected
+
+
+def test_a_variant_without_a_claim_does_not_sway_the_files_verdict():
+    from biomass.ablate.report import overall_verdict
+
+    rows = [{"variant": "baseline"}, {"variant": "a", "verdict": CONFIRMED}, {"variant": "b", "verdict": NO_CLAIM}]
+    assert overall_verdict(rows) == CONFIRMED
+    assert overall_verdict([*rows, {"variant": "c", "verdict": CONTRADICTED}]) == CONTRADICTED
 
 
 def test_not_better_is_the_complement_of_better():
