@@ -186,8 +186,9 @@ class RunDir:
                                    "edited); the run directory is damaged: retrain")
         return df
 
-    def fold_ids(self, stage: Stage) -> np.ndarray:
-        df = self.read_folds()
+    def fold_ids(self, stage: Stage, df: pd.DataFrame | None = None) -> np.ndarray:
+        """The stage's fold of each row of folds.csv (`df`: the table already read)."""
+        df = self.read_folds() if df is None else df
         col = f"{stage.name}_fold"
         if col not in df.columns:
             raise BiomassError(f"{self.path / FOLDS}: no column {col!r}; it does not belong to this run's {CONFIG}")
@@ -197,7 +198,7 @@ class RunDir:
         """The stage's fold of each of `image_paths` (as folds.csv names them), -1 for an image the run did not
         train on; every image the run trained on must be among them (test-time training re-reads them)."""
         df = self.read_folds()
-        by_path = dict(zip(df["image_path"], self.fold_ids(stage)))
+        by_path = dict(zip(df["image_path"], self.fold_ids(stage, df)))
         missing = sorted(set(by_path) - set(image_paths))
         if missing:
             raise BiomassError(f"{self.path / FOLDS}: the run trained on {missing[0]!r}, which the data's train table "

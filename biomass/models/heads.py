@@ -83,6 +83,18 @@ class _ImageOnly(nn.Module):
         return self.net(features)
 
 
+def balanced_grams(green: torch.Tensor, dead: torch.Tensor, clover: torch.Tensor) -> torch.Tensor:
+    """The five targets in TARGETS order from the three components: GDM = Green + Clover, Total = all three."""
+    return torch.stack([green, dead, clover, green + clover, green + dead + clover], dim=1)
+
+
+def _inner(in_features: int, n_tabular: int, n_outputs: int, tabular_dims, tabular_dropout, fusion_dims,
+           fusion_dropout) -> FusionHead:
+    """A FusionHead with or without its tabular branch (as the stage has NDVI/Height inputs or not)."""
+    return FusionHead(in_features, n_tabular, n_outputs, tabular_dims if n_tabular else (),
+                      tabular_dropout if n_tabular else (), fusion_dims, fusion_dropout)
+
+
 class ConsistentHead(nn.Module):
     """Predicts Green, Dead, Clover as non-negative grams; GDM = Green + Clover and Total = GDM + Dead follow, so the
     mass balance holds by construction. Returns all five in the standardised target space of the fold's scaler,
@@ -97,7 +109,7 @@ class ConsistentHead(nn.Module):
         # in TARGETS) keeps early outputs in a sane range.
         parts = nn.functional.softplus(self.inner(features, tabular)) * self.target_space.gram_scale[:3]
         green, dead, clover = parts.unbind(dim=1)
-        grams = torch.stack([green, dead, clover, green + clover, green + dead + clover], dim=1)
+        grams = balanced_grams(green, dead, clover)
         return self.target_space.to_standard(grams)
 
 
@@ -109,16 +121,8 @@ def consistent(in_features: int, n_tabular: int, n_outputs: int, target_space: n
     if n_outputs != 5:
         raise ConfigError("head `consistent` predicts the five biomass targets; use it in the main stage with a "
                           "point loss (not quantile)")
-    inner = FusionHead(in_features, n_tabular, 3, tabular_dims if n_tabular else (), tabular_dropout if n_tabular
-                       else (), fusion_dims, fusion_dropout)
-    return ConsistentHead(inner, target_space)
-
-
-def _inner(in_features: int, n_tabular: int, n_outputs: int, tabular_dims, tabular_dropout, fusion_dims,
-           fusion_dropout) -> FusionHead:
-    """A FusionHead with or without its tabular branch (as the stage has NDVI/Height inputs or not)."""
-    return FusionHead(in_features, n_tabular, n_outputs, tabular_dims if n_tabular else (),
-                      tabular_dropout if n_tabular else (), fusion_dims, fusion_dropout)
+    return ConsistentHead(_inner(in_features, n_tabular, 3, tabular_dims, tabular_dropout, fusion_dims, fusion_dropout),
+                          target_space)
 
 
 class RatioHead(nn.Module):
@@ -133,7 +137,7 @@ class RatioHead(nn.Module):
         z = self.inner(features, tabular).float()
         total = nn.functional.softplus(z[:, 0]) * self.target_space.gram_scale[4]  # starts near the mean Total
         green, dead, clover = (torch.softmax(z[:, 1:4], dim=1) * total.unsqueeze(1)).unbind(dim=1)
-        grams = torch.stack([green, dead, clover, green + clover, green + dead + clover], dim=1)
+        grams = balanced_grams(green, dead, clover)
         return self.target_space.to_standard(grams)
 
 
