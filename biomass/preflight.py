@@ -32,7 +32,7 @@ def check_models(cfg: ExperimentConfig, num_processes: int = 1) -> list[str]:
     import torch
 
     from biomass.engine.build import build_stage_model
-    from biomass.models.backbones import load_weights
+    from biomass.weights import load_into, weights_file
 
     notes = []
     for stage in configured(cfg):
@@ -52,7 +52,7 @@ def check_models(cfg: ExperimentConfig, num_processes: int = 1) -> list[str]:
                 raise ConfigError(f"{stage.name}.model: the model cannot be built ({_first_line(err)}){hint}") \
                     from None
             if bb["name"] == "timm" and bb.get("weights"):
-                weights = Path(bb["weights"])
+                weights = weights_file(bb["weights"])  # `packaged:NAME` is converted (once) here
                 if not weights.is_file():
                     raise ConfigError(f"{stage.name}.model.backbone.weights: {weights} not found")
                 target = model.backbone.model
@@ -62,7 +62,7 @@ def check_models(cfg: ExperimentConfig, num_processes: int = 1) -> list[str]:
                     with torch.device("meta"):
                         target = BACKBONES.build_node({**bb, "peft": None, "weights": None},
                                                       tuple(stage_cfg.image.size)).model
-                load_weights(target, weights, bb.get("strict", True), bb["model_name"], shapes_only=True)
+                load_into(target, weights, bb.get("strict", True), bb["model_name"], shapes_only=True)
             check_forward(stage, stage_cfg, model, num_processes)
         except ConfigError as err:  # the builders name `model.backbone...`; say which stage
             msg = str(err)

@@ -164,6 +164,8 @@ class Parent:
 
 
 def preflight(ablation: Ablation) -> None:
+    from biomass.weights import weights_file
+
     """What would make every run fail at its first step, found before any trains: a missing data root (unless the
     demo data is generated there; never into a root given on the command line) or backbone weights file."""
     root_from_cli = any(o.split("=", 1)[0] == "data.root" for o in ablation.overrides)
@@ -174,6 +176,6 @@ def preflight(ablation: Ablation) -> None:
         for stage_name in ("main", "aux"):
             stage = getattr(v.config, stage_name)
             weights = stage.model.backbone.get("weights") if stage is not None else None
-            if weights and not Path(weights).is_file():
+            if weights and not weights_file(weights).is_file():
                 raise ConfigError(f"{ablation.path.name}: variant {v.name!r}: {stage_name}.model.backbone.weights "
                                   f"{weights} not found")

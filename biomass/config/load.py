@@ -154,7 +154,9 @@ def _registry_of(field: Any) -> Registry | None:
 
 
 def _resolve(value: Any, base: Path) -> Any:
-    if isinstance(value, str) and value:
+    from biomass.weights import PACKAGED_PREFIX
+
+    if isinstance(value, str) and value and not value.startswith(PACKAGED_PREFIX):
         p = Path(value).expanduser()
         return str(p if p.is_absolute() else (base / p).resolve())
     return value

@@ -16,9 +16,8 @@ from torch import nn
 from biomass.errors import ConfigError
 from biomass.models.spec import FeatureSpec
 from biomass.registry import BACKBONES
+from biomass.weights import load_into, weights_file
 
-# Key prefixes that training wrappers put in front of a timm state dict (DDP, Lightning, our own fold models).
-_WRAPPER_PREFIXES = ("module.", "model.", "backbone.model.", "backbone.", "encoder.", "_orig_mod.")
 
 
 class _NoGrad:
@@ -121,85 +120,6 @@ class TimmBackbone(nn.Module):
         return out
 
 
-def clean_state_dict(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    """Strip wrapper prefixes until the keys line up with the model's, and drop classifier weights."""
-    state = dict(state)
-    for _ in range(3):
-        if not state or set(state) & expected:
-            break
-        for prefix in _WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                break
-        else:
-            stripped = {k.split(".", 1)[1] if "." in k else k: v for k, v in state.items()}
-            if set(stripped) & expected:
-                state = stripped
-            break
-    # num_classes=0: the checkpoint's classifier has no place in a feature extractor.
-    return {k: v for k, v in state.items() if not (k.startswith(("head.", "fc.", "classifier.")) and k not in expected)}
-
-
-def read_weights(path: Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
-    """The file's state dict; with `shapes_only`, tensors on the meta device (names and shapes, no data read)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"backbone weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors" and shapes_only:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as fh:
-                state = {k: torch.empty(fh.get_slice(k).get_shape(), device="meta") for k in fh.keys()}
-        elif path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        elif shapes_only:  # .pth / .bin / .pt, memory-mapped: names and shapes without reading the tensors
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # the legacy (non-zip) format cannot be mapped
-                state = torch.load(path, map_location="meta", weights_only=True)
-        else:  # tensors only, never arbitrary pickled objects
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConfigError(f"backbone weights {path}: cannot be read ({' '.join(str(err).split())[:200]})") from None
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"backbone weights {path}: not a state dict of tensors")
-    return state
-
-
-def load_weights(model: nn.Module, path: Path, strict: bool, model_name: str, shapes_only: bool = False) -> None:
-    """Load `path` into `model`; with `shapes_only`, only check that it would load (tensor names and shapes)."""
-    expected = dict(model.state_dict())
-    state = clean_state_dict(read_weights(path, shapes_only), set(expected))
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [k for k in state if k in expected and state[k].shape != expected[k].shape]
-    if strict and (missing or unexpected or mismatched):
-        parts = []
-        if mismatched:
-            k = mismatched[0]
-            parts.append(f"{len(mismatched)} with the wrong shape (e.g. {k}: file {tuple(state[k].shape)}, "
-                         f"model {tuple(expected[k].shape)})")
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        raise ConfigError(f"backbone weights {path} do not match {model_name}: {'; '.join(parts)} keys. "
-                          "Set model.backbone.strict=false to load what matches")
-    if shapes_only:
-        return
-    usable = {k: v for k, v in state.items() if k in expected and k not in mismatched}
-    model.load_state_dict(usable, strict=False)
-    if not strict and (missing or unexpected or mismatched):
-        print(f"backbone weights {path.name}: loaded {len(usable)} tensors; {len(missing)} missing, "
-              f"{len(unexpected)} unexpected, {len(mismatched)} shape-mismatched (strict=false)")
-
-
 def freeze(model: nn.Module, fraction: float = 0.0, blocks: int | None = None) -> int:
     """Freeze the first `fraction` of parameter tensors in named_parameters() order (the seed's rule), or every
     parameter ahead of transformer block `blocks`. Returns the number of frozen tensors."""
@@ -225,6 +145,8 @@ def timm_backbone(image_size: tuple[int, int], /, *, model_name: str, pretrained
                   out_indices: tuple[int, ...] | None = None, intermediate_norm: bool = True,
                   peft: dict | None = None, model_kwargs: dict = {}) -> TimmBackbone:  # noqa: B006
     """Any timm model by name, without classifier; weights from a local file (offline) or the hub if pretrained.
+    `weights`: a file in timm's layout, behind wrapper prefixes or in the architecture's original release layout
+    (timm's own converter), or `packaged:NAME` (biomass.weights.PACKAGED, converted once and cached).
     `no_grad_prefix`: run a ViT's frozen patch embedding and leading frozen blocks under torch.no_grad().
     `out_indices`: tokens of these blocks (timm forward_intermediates; final norm applied when
     `intermediate_norm`), concatenated along channels. `peft`: {method: lora|dora, r, alpha, dropout, blocks,
@@ -250,8 +172,8 @@ def timm_backbone(image_size: tuple[int, int], /, *, model_name: str, pretrained
         if "img_size" not in str(err):
             raise
         model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
-    if weights:
-        load_weights(model, Path(weights), strict, model_name)
+    if weights:  # a file in timm's, a wrapper's or the release's layout, or `packaged:NAME` (biomass.weights)
+        load_into(model, weights_file(weights), strict, model_name)
     if peft is not None:
         if freeze_fraction or freeze_blocks is not None:
             raise ConfigError("model.backbone: peft freezes the whole backbone; drop freeze_fraction/freeze_blocks")
