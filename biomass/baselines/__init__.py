@@ -1,7 +1,7 @@
-"""A colour-histogram ridge regression: the floor any image model must clear.
+"""Baselines any image model must clear: a colour-histogram ridge, and the linear probe (baselines.probe).
 
-`python -m biomass.baselines DATA_DIR --out submission.csv` fits on DATA_DIR/train.csv and writes a submission for
-DATA_DIR/test.csv. Features: per-image HSV histograms (hue 16 bins, saturation 8, value 8, normalised) and the mean
+`python -m biomass.baselines DATA_DIR --out submission.csv [--method linear_probe --experiment EXP]` fits on
+DATA_DIR/train.csv and writes a submission for DATA_DIR/test.csv. The colour ridge's features: per-image HSV histograms (hue 16 bins, saturation 8, value 8, normalised) and the mean
 and std of each RGB channel, from the image downscaled to 256 px wide; RidgeCV on standardised features, one model
 for all five targets, predictions clipped at 0. It sees no NDVI or Height, like the test set.
 """
@@ -46,16 +46,21 @@ def fit_predict(root: Path, train_csv: str = "train.csv", test_csv: str = "test.
     xt = np.stack([colour_features(root / p) for p in images["image_path"]])
     model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 25)))
     model.fit(x, train[list(TARGETS)].to_numpy())
-    pred = np.clip(model.predict(xt), 0, None)
+    return long_submission(rows, images, np.clip(model.predict(xt), 0, None))
+
+
+def long_submission(rows: pd.DataFrame, images: pd.DataFrame, pred: np.ndarray) -> pd.DataFrame:
+    """Per-image predictions (images x TARGETS) as Kaggle's long submission for test.csv's rows."""
     by_image = {p: dict(zip(TARGETS, row)) for p, row in zip(images["image_path"], pred)}
     return pd.DataFrame({"sample_id": rows["sample_id"],
                          "target": [by_image[p][t] for p, t in zip(rows["image_path"], rows["target_name"])]})
 
 
-def versus_ridge(experiment: Path, work: Path, data: Path | None = None, n_train: int = 96, n_test: int = 96,
+def versus_baselines(experiment: Path, work: Path, data: Path | None = None, n_train: int = 96, n_test: int = 96,
                  seed: int = 123, width: int = 2000, height: int = 1000, overrides: tuple[str, ...] = ()
                  ) -> dict[str, object]:
-    """Train `experiment` on data it has never seen and score its submission beside the ridge's on the same split.
+    """Train `experiment` on data it has never seen and score its submission beside the colour ridge's and the
+    linear probe's (the experiment's own backbone, frozen) on the same split.
 
     Without `data`, a fresh synthetic dataset (real labels, Kaggle layout, cardboard borders on ~30% of images) is
     rendered into `work/data` with a seed the demo never uses. The experiment runs as a user runs it (`biomass.run`
@@ -75,6 +80,13 @@ def versus_ridge(experiment: Path, work: Path, data: Path | None = None, n_train
     fit_predict(data).to_csv(work / "ridge_submission.csv", index=False, float_format="%.6f")
     ridge_s = time.perf_counter() - start
     ridge = score_files(data / "solution.csv", work / "ridge_submission.csv")
+    from biomass.baselines.probe import fit_predict_probe
+
+    start = time.perf_counter()
+    fit_predict_probe(experiment, data, overrides).to_csv(work / "probe_submission.csv", index=False,
+                                                          float_format="%.6f")
+    probe_s = time.perf_counter() - start
+    probe = score_files(data / "solution.csv", work / "probe_submission.csv")
 
     run_dir, sub = work / "run", work / "submission.csv"
     env = {**os.environ, "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")}
@@ -92,7 +104,10 @@ def versus_ridge(experiment: Path, work: Path, data: Path | None = None, n_train
     ours = score_files(data / "solution.csv", sub)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {"experiment": str(experiment), "data": str(data), "ridge": ridge["weighted_r2"],
-            "model": ours["weighted_r2"], "margin": ours["weighted_r2"] - ridge["weighted_r2"],
+            "probe": probe["weighted_r2"], "model": ours["weighted_r2"],
+            "margin_ridge": ours["weighted_r2"] - ridge["weighted_r2"],
+            "margin_probe": ours["weighted_r2"] - probe["weighted_r2"],
             "cv": metrics.get("cv/weighted_r2"), "cv_deployable": metrics.get("cv/weighted_r2_deployable"),
-            "ridge_per_target": ridge["per_target"], "model_per_target": ours["per_target"],
-            "seconds": {"ridge": ridge_s, **seconds}, "test_rows": ours["rows"]}
+            "ridge_per_target": ridge["per_target"], "probe_per_target": probe["per_target"],
+            "model_per_target": ours["per_target"],
+            "seconds": {"ridge": ridge_s, "probe": probe_s, **seconds}, "test_rows": ours["rows"]}

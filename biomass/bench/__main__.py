@@ -10,7 +10,8 @@
   each in its own process; MFU on CUDA; and the activations autograd keeps with and without the frozen prefix.
 - `infer`: images/s of the whole inference chain (`biomass.infer`) on a run directory.
 - `ridge`: an experiment (default the demo profile) trained on freshly rendered 2000x1000 data it has never seen,
-  its submission scored beside the colour-histogram ridge's on the same split (biomass.baselines.versus_ridge).
+  its submission scored beside the colour-histogram ridge's and the linear probe's on the same split
+  (biomass.baselines.versus_baselines).
 - `gpu`: what only a GPU shows: gold's train step (fp32 as the seed, bf16, the seed's loop), the inference chain on
   800 rendered test images, GPU JPEG decode (biomass.bench.gpu).
 - `memory`: each stage's peak GPU memory at its real size and batch (fp32/bf16, with and without gradient
@@ -71,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path)
     p.add_argument("--size", type=int, default=800)
     p.add_argument("--json", action="store_true")
-    p = sub.add_parser("ridge", help="an experiment vs the colour-histogram ridge on unseen data")
-    p.add_argument("--experiment", type=Path, default=DEMO)
+    p = sub.add_parser("ridge", help="an experiment vs the colour ridge and its linear probe on unseen data")
+    p.add_argument("experiment_file", nargs="?", type=Path, metavar="EXPERIMENT", help="default: the demo")
+    p.add_argument("--experiment", type=Path, help=argparse.SUPPRESS)  # the older spelling
     p.add_argument("--data", type=Path, help="Kaggle-layout folder with solution.csv (default: render a new one)")
     p.add_argument("--n-train", type=int, default=96)
     p.add_argument("--n-test", type=int, default=96)
@@ -165,17 +167,19 @@ def main(argv: list[str] | None = None) -> int:
             rows += [(k, fmt(v)) for k, v in s.items() if k.startswith("saved_mb")]
         emit(r, args.json, f"train step: {args.model} {args.size}px batch {args.batch} freeze {args.freeze}", rows)
     elif args.cmd == "ridge":
-        from biomass.baselines import versus_ridge
+        from biomass.baselines import versus_baselines
 
+        experiment = args.experiment_file or args.experiment or DEMO
         with tempfile.TemporaryDirectory() as tmp:
             work = args.work or Path(tmp)
             work.mkdir(parents=True, exist_ok=True)
-            r = versus_ridge(args.experiment, work, args.data, args.n_train, args.n_test, args.seed, args.width,
+            r = versus_baselines(experiment, work, args.data, args.n_train, args.n_test, args.seed, args.width,
                              args.height, tuple(args.overrides))
         r["settings"] = {"n_train": args.n_train, "n_test": args.n_test, "seed": args.seed,
                          "size": [args.width, args.height], **machine()}
-        emit(r, args.json, "experiment vs colour-histogram ridge (test weighted R2)",
-             [(k, fmt(r[k])) for k in ("ridge", "model", "margin", "cv", "cv_deployable")]
+        emit(r, args.json, "experiment vs colour-histogram ridge and linear probe (test weighted R2)",
+             [(k, fmt(r[k])) for k in ("ridge", "probe", "model", "margin_ridge", "margin_probe", "cv",
+                                        "cv_deployable")]
              + [(f"{k} s", fmt(v)) for k, v in r["seconds"].items()])
     elif args.cmd == "infer":
         from biomass.bench.inference import infer_bench
