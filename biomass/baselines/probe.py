@@ -3,8 +3,10 @@
 The standing baseline for a pretrained backbone (the first one a reviewer asks for): the experiment's main-stage
 backbone with its weights file, the experiment's image size, layout, normalisation and pooling, in eval mode with no
 augmentation; images framed as the inference chain frames them (uncropped unless `infer.crop: boxes`). On the
-pooled features: standardisation, then ridge regression on the five targets, each target's alpha chosen by
-leave-one-out CV on the training images only (sklearn's RidgeCV), predictions clipped at 0. It sees no NDVI or
+pooled features: standardisation, then ridge regression on the five targets, its alpha chosen by 5-fold CV of the
+competition's weighted R2 on the training images only (sklearn's GridSearchCV), predictions clipped at 0.
+(Leave-one-out RidgeCV picked alphas of 0.01 on 96 images of 1280 features and scored 0.3 below this on unseen
+images.) It sees no NDVI or
 Height, like the test set. Fine-tuning that does not beat this has distorted its features, not used them.
 """
 from __future__ import annotations
@@ -14,7 +16,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ALPHAS = np.logspace(-2, 5, 29)
+ALPHAS = np.logspace(-1, 6, 29)
+INNER_FOLDS = 5
+
+
+def fit_ridge(x: np.ndarray, y: np.ndarray):
+    """Standardise + ridge, alpha by inner K-fold CV of the weighted R2 (the score the probe is judged by)."""
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import make_scorer
+    from sklearn.model_selection import GridSearchCV, KFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from biomass.metrics import weighted_r2
+
+    search = GridSearchCV(make_pipeline(StandardScaler(), Ridge()), {"ridge__alpha": ALPHAS},
+                          scoring=make_scorer(weighted_r2), cv=KFold(INNER_FOLDS, shuffle=True, random_state=0))
+    return search.fit(x, y)
 
 
 def probe_features(cfg, root: Path, image_paths: list[str], batch_size: int = 16) -> np.ndarray:
@@ -46,10 +64,6 @@ def probe_features(cfg, root: Path, image_paths: list[str], batch_size: int = 16
 
 def fit_predict_probe(experiment: Path, root: Path, overrides: tuple[str, ...] = ()) -> pd.DataFrame:
     """The probe fitted on `root`/train.csv, its submission for `root`/test.csv (Kaggle's long format)."""
-    from sklearn.linear_model import RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     from biomass.baselines import long_submission
     from biomass.config.load import load_experiment
     from biomass.constants import TARGETS
@@ -61,6 +75,5 @@ def fit_predict_probe(experiment: Path, root: Path, overrides: tuple[str, ...] =
     rows, images = read_test(root, cfg.data.test_csv)
     x = probe_features(cfg, root, list(train["image_path"]))
     xt = probe_features(cfg, root, list(images["image_path"]))
-    model = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS, alpha_per_target=True))
-    model.fit(x, train[list(TARGETS)].to_numpy())
+    model = fit_ridge(x, train[list(TARGETS)].to_numpy())
     return long_submission(rows, images, np.clip(model.predict(xt), 0, None))

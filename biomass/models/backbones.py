@@ -134,7 +134,24 @@ def freeze(model: nn.Module, fraction: float = 0.0, blocks: int | None = None) -
         cut = int(len(params) * fraction)
     for _, p in params[:cut]:
         p.requires_grad_(False)
+    freeze_batch_norms(model)
     return cut
+
+
+def freeze_batch_norms(model: nn.Module) -> int:
+    """A frozen BatchNorm layer keeps its statistics too (timm's FrozenBatchNorm2d): in train mode it would go on
+    updating its running mean and variance from each batch, so the "frozen" half of a CNN would drift away from
+    its pretrained features and differ between training and evaluation. ViTs have no BatchNorm. Returns the count."""
+    from timm.layers import freeze_batch_norm_2d
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        if (name and isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and module.affine
+                and not any(p.requires_grad for p in module.parameters())):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, freeze_batch_norm_2d(module))
+            count += 1
+    return count
 
 
 @BACKBONES.register("timm")

@@ -767,3 +767,19 @@ def test_scaled_sigmoid_bounds(k):
                 lin.weight.zero_()
             out = model(img, tab).view(4, 5, k)
             torch.testing.assert_close(out, bound.view(1, 5, 1).expand(4, 5, k), rtol=0, atol=1e-5)
+
+
+def test_a_frozen_cnn_half_keeps_its_batchnorm_statistics():
+    # freeze_fraction freezes parameters; a BatchNorm in train mode would still move its running statistics
+    torch.manual_seed(0)
+    bb = BACKBONES.build("timm", (32, 32), model_name="test_resnet", freeze_fraction=0.5)
+    bb.train()
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    bb(torch.randn(4, 3, 32, 32) * 3 + 1)
+    moved = {k for k, v in bb.state_dict().items() if not torch.equal(v, before[k])}
+    bn = {n: m for n, m in bb.named_modules() if "BatchNorm" in type(m).__name__}
+    frozen = [n for n, m in bn.items() if "Frozen" in type(m).__name__]
+    trainable = [n for n in bn if n not in frozen]
+    assert frozen and trainable
+    assert not [k for k in moved if any(k.startswith(f"{n}.") for n in frozen)], moved
+    assert all(f"{n}.running_mean" in moved for n in trainable)
