@@ -137,8 +137,10 @@ def strip_wrappers(state: dict[str, torch.Tensor], expected: set[str]) -> dict[s
             if set(stripped) & expected:
                 state = stripped
             break
-    # num_classes=0: the checkpoint's classifier has no place in a feature extractor.
-    return {k: v for k, v in state.items() if not (k.startswith(_CLASSIFIER_PREFIXES) and k not in expected)}
+    # num_classes=0: the checkpoint's classifier has no place in a feature extractor; a frozen BatchNorm
+    # (FrozenBatchNorm2d) keeps no batch counter.
+    return {k: v for k, v in state.items() if k in expected or not (k.startswith(_CLASSIFIER_PREFIXES)
+                                                                       or k.endswith(".num_batches_tracked"))}
 
 
 def timm_filter(model_name: str):
