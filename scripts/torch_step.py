@@ -92,7 +92,8 @@ def main() -> int:
         try:
             line = measure(args, precision, device)
         except Exception as err:  # noqa: BLE001 - write it and go on to the next precision
-            line, failed = {"part": f"fallback_{precision}", "status": "error", "error": f"{type(err).__name__}: {err}"[:500]}, 1
+            error = f"{type(err).__name__}: {err}"[:500]
+            line, failed = {"part": f"fallback_{precision}", "status": "error", "error": error}, 1
         with open(args.out / "results.jsonl", "a") as f:
             f.write(json.dumps({**line, **header}) + "\n")
         print(json.dumps(line), flush=True)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from biomass.bench.common import machine
+from biomass.errors import BiomassError, suggest
 
 GOLD_MODEL = "vit_huge_plus_patch16_dinov3.lvd1689m"
 
@@ -117,10 +118,11 @@ class GpuBench:
         return self.deadline - time.monotonic()
 
     def run(self) -> dict[str, dict[str, Any]]:
+        parts = selected(self.args.parts)
         with tempfile.TemporaryDirectory(prefix="bench_gpu_", dir=self.args.work) as work:
-            for i, part in enumerate(PARTS):
+            for i, part in enumerate(parts):
                 left = self.left()
-                later = sum(p.floor(self.args.cpu) for p in PARTS[i + 1:])
+                later = sum(p.floor(self.args.cpu) for p in parts[i + 1:])
                 floor = part.floor(self.args.cpu)
                 if left < floor:
                     self.write({"part": part.name, "status": "skipped", "reason": f"needs at least {floor:.0f} s, "
@@ -179,6 +181,18 @@ class GpuBench:
         return step["step_ms"] / 1000 / step["batch"] / 2 if step.get("status") == "ok" else None
 
 
+def selected(names: str | None) -> tuple[Part, ...]:
+    """The parts `--parts a,b` names, in the order of their value; all of them by default."""
+    if not names:
+        return PARTS
+    asked = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in asked if n not in {p.name for p in PARTS}]
+    if unknown:
+        raise BiomassError(f"--parts: unknown part {unknown[0]!r}{suggest(unknown[0], [p.name for p in PARTS])}; "
+                           f"the parts are {', '.join(p.name for p in PARTS)}")
+    return tuple(p for p in PARTS if p.name in asked)
+
+
 def _last_error(log: Path) -> str:
     """The child's last stderr line that says what went wrong (its `error: ...` line, or the exception)."""
     lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
@@ -212,6 +226,7 @@ def add_arguments(p) -> None:
     p.add_argument("--folds", type=int, default=5, help="most main and aux folds for the chain (default 5)")
     p.add_argument("--width", type=int, default=2000)
     p.add_argument("--height", type=int, default=1000)
+    p.add_argument("--parts", help="comma-separated parts to run (default all), e.g. aux_fp32,aux_bf16 for a rerun")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (a check of this code, not a measurement)")
     p.add_argument("--work", type=Path, help="scratch folder for the chain's run directory (default: a temporary one)")
     p.add_argument("--json", action="store_true")

@@ -17,6 +17,7 @@ from typing import Any
 from biomass.bench.common import GOLD
 
 GiB = 2**30
+UNIQUE_PHOTOS = 16  # rendered test photos (0.2 s each at 2000x1000), hard-linked under as many names as needed
 GOLD_IMAGES, GOLD_FOLDS = 800, 5  # Kaggle's hidden test set (about 800 photos) and gold's folds per stage
 # Chain subsets, largest first: (images, folds per stage); the first whose predicted time fits is run.
 CHAIN_SUBSETS = ((800, 5), (400, 3), (200, 2), (100, 2), (40, 1), (16, 1), (8, 1))
@@ -122,7 +123,7 @@ def rendered_photos(root: Path, unique: int, width: int, height: int) -> list[Pa
     return sorted((rendered / "test").glob("*.jpg"))
 
 
-def test_images(root: Path, n: int, photos: list[Path]) -> Path:
+def kaggle_layout(root: Path, n: int, photos: list[Path]) -> Path:
     """Kaggle's test layout with n images: the photos hard-linked under n names."""
     import pandas as pd
 
@@ -185,7 +186,7 @@ def chain_part(args, overrides: list[str]) -> dict[str, Any]:
     run = fake_run(work, args.model, args.size, args.folds, overrides)
     load = fold_load_seconds(run)
     tta = len(RunDir(run).completed().infer.tta)
-    photos = rendered_photos(work, min(args.n_test, 40), args.width, args.height)  # before sizing: it takes time
+    photos = rendered_photos(work, min(args.n_test, UNIQUE_PHOTOS), args.width, args.height)  # before sizing
     decode_s = _decode_seconds(photos)
     pass_s, left = args.pass_s, args.limit - (time.monotonic() - start)
     candidates = [(min(n, args.n_test), min(f, args.folds)) for n, f in ((args.n_test, args.folds), *CHAIN_SUBSETS)]
@@ -198,7 +199,7 @@ def chain_part(args, overrides: list[str]) -> dict[str, Any]:
     else:  # no train step of this precision to size by: the small subsets the issue names
         n, f = (200, 2) if "bf16" in args.part else (40, 1)
         n, f = min(n, args.n_test), min(f, args.folds)
-    data = test_images(work, n, photos)
+    data = kaggle_layout(work, n, photos)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -232,7 +233,8 @@ def jpeg_decode(args, work: Path) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    unique = [p.read_bytes() for p in rendered_photos(work, min(args.n_test, 40), args.width, args.height)]
+    photos = rendered_photos(work, min(args.n_test, UNIQUE_PHOTOS), args.width, args.height)
+    unique = [p.read_bytes() for p in photos]
     cores = os.cpu_count() or 1
     blobs = (unique * (4 * cores // len(unique) + 1))[:max(4 * cores, len(unique))]
     decode = lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)  # noqa: E731

@@ -33,9 +33,11 @@ DEVICE = '''import biomass, torch
 
 print("biomass", biomass.__version__, "from", biomass.__file__)
 print("torch", torch.__version__, "CUDA", torch.version.cuda)
-print(", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "no GPU: the chain runs on the CPU")'''
+gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+print(", ".join(gpus) or "no GPU: the chain runs on the CPU")'''
 
-CHAIN = '''cmd = [sys.executable, "-m", "biomass.infer", str(BUNDLE / manifest["run"]), "--data", str(DATA), "--out", str(OUT)]
+CHAIN = '''run_dir = BUNDLE / manifest["run"]
+cmd = [sys.executable, "-m", "biomass.infer", str(run_dir), "--data", str(DATA), "--out", str(OUT)]
 if PROCESSES > 1:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(PROCESSES), *cmd[1:]]
 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
