@@ -96,7 +96,7 @@ def fake_run(root: Path, model: str, size: int, folds: int, overrides: list[str]
     run.write_folds(pd.DataFrame({"image_id": [str(i) for i in range(folds)], "image_path": images}),
                     {stage: np.arange(folds) for stage in STAGES})
     for stage in STAGES:
-        if not models.checkpoint(stage, 0).is_file():
+        if not (models.checkpoint(stage, 0).is_file() and models.checkpoint_meta(stage, 0).is_file()):
             torch.manual_seed(0)
             m, _ = build_stage_model(stage, stage.config(cfg), load_weights=False)
             scalers = {"targets": Scaler(np.zeros(len(stage.targets)), np.ones(len(stage.targets)))}
