@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m biomass.bench {loader,train,infer,order,ridge,memory,sweep} [options] [--json]`.
+"""Benchmarks: `python -m biomass.bench {loader,train,infer,order,ridge,gpu,wheelhouse,memory,sweep} [options]`.
 
 - `loader`: images/s per core (one thread, in-process) on 2000x1000 JPEGs for four pipelines: `decode` (cv2.imread
   alone, the limit), `seed` (the seed's order: full-resolution augmentation, A.Resize, float A.Normalize, ToTensorV2),
@@ -12,8 +12,11 @@
 - `ridge`: an experiment (default the demo profile) trained on freshly rendered 2000x1000 data it has never seen,
   its submission scored beside the colour-histogram ridge's and the linear probe's on the same split
   (biomass.baselines.versus_baselines).
-- `gpu`: what only a GPU shows: gold's train step (fp32 as the seed, bf16, the seed's loop), the inference chain on
-  800 rendered test images, GPU JPEG decode (biomass.bench.gpu).
+- `gpu --budget S --out DIR`: what only a GPU shows, within a budget, each part's line in DIR/results.jsonl as it
+  ends: gold's train step (bf16, fp32 as the seed, the seed's loop) with MFU against the peak of the precision that
+  ran, the inference chain on a subset sized to the time left and its extrapolation to 800 images x 5+5 folds, the
+  aux stage's step beside its memory estimate, GPU JPEG decode (biomass.bench.gpu).
+- `wheelhouse DIR`: the wheels the lent GPU machine's image lacks (biomass.pack.wheels), for scripts/gpu_check.sh.
 - `memory`: each stage's peak GPU memory at its real size and batch (fp32/bf16, with and without gradient
   checkpointing), estimated on the meta device, and which common GPUs fit training and fold-at-a-time inference.
 - `sweep`: 4 tiny children as one ablation sweep at --parallel 1 and 2 (local executor, and Ray when installed):
@@ -21,6 +24,7 @@
 - `order`: how far each augmentation is from commuting with the resize, and how the resize attenuates pixel noise.
 
 `--json` prints exactly one JSON object on stdout; everything else goes to stderr. See docs/BENCHMARKS.md.
+Nothing here imports mlflow or ray at module level: `gpu` runs on an image that has neither.
 """
 from __future__ import annotations
 
@@ -55,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=["no", "bf16", "fp16"], help="ours (default: bf16 on CUDA, no on CPU)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile the prepared model (runtime.compile)")
-    p.add_argument("--peak-tflops", type=float, help="device peak (dense bf16) for MFU, overrides the table")
+    p.add_argument("--peak-tflops", type=float,
+                   help="device peak (dense TFLOP/s) of the precision that runs; overrides the table")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (and MFU)")
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="keep data, run and submissions here (default: a temporary folder)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for the experiment")
     p.add_argument("--json", action="store_true")
-    p = sub.add_parser("gpu", help="gold's train step (fp32, bf16, seed loop), the inference chain, GPU decode")
+    p = sub.add_parser("gpu", help="within --budget: gold's train steps, the chain, the aux step, GPU decode")
     from biomass.bench.gpu import add_arguments
 
     add_arguments(p)
@@ -93,18 +98,44 @@ def main(argv: list[str] | None = None) -> int:
                    help="repeat for several (default: local, and ray when installed)")
     p.add_argument("--work", type=Path, help="keep data and sweeps here (default: a temporary folder)")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("wheelhouse", help="download the wheels the lent GPU machine's image lacks (pydantic ...)")
+    p.add_argument("dest", type=Path, help="folder for the wheels (carry it to the device call, e.g. .whl)")
+    p.add_argument("--image", default="gpu", help="which offline image (biomass.pack.wheels.IMAGES; default gpu)")
+    p.add_argument("--python-version", help="e.g. 3.11 to rehearse on this machine (default: the image's Python)")
     p = sub.add_parser("memory", help="peak GPU memory per stage (meta-device estimate) and which GPUs fit it")
     p.add_argument("experiment", type=Path)
     p.add_argument("overrides", nargs="*", help="key=value overrides for the experiment")
     p.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.cmd == "gpu" and args.part:  # one part, in the process bench gpu started for it
+        import contextlib
+        import json
+
+        from biomass.bench.gpu_parts import run_part
+
+        with contextlib.redirect_stdout(sys.stderr):
+            r = run_part(args)
+        sys.stdout.write(json.dumps(r, default=float) + "\n")
+        return 0
     if args.cmd == "gpu":
         from biomass.bench.gpu import gpu_bench
 
-        r = gpu_bench(args)
-        rows = [(f"{part} {k}", fmt(v)) for part in ("train_step", "inference_chain", "jpeg_decode")
-                for k, v in r[part].items()]
-        emit(r, args.json, f"GPU checks ({r['machine'].get('gpu', 'no GPU')})", rows)
+        r = gpu_bench(args, sys.argv[2:] if argv is None else argv[1:])
+        rows = [(f"{part} {k}", fmt(v)) for part, line in r["parts"].items() for k, v in line.items()
+                if k in ("status", "reason", "error", "img_s", "mfu", "achieved_tflops", "peak_memory_gib",
+                         "estimate_train_peak_gib", "images_per_s", "extrapolated_800_images_5+5_folds_s",
+                         "cpu_cv2_all_cores_img_s", "gpu_decode_jpeg_img_s", "gpu")]
+        emit(r, args.json, f"GPU checks ({r['device']}), every line in {r['results']}", rows)
+        return 0
+    if args.cmd == "wheelhouse":
+        from biomass.pack.wheels import MiB, download, image_named, install_line
+
+        image = image_named(args.image)
+        wheels = download(image, args.dest, args.python_version)
+        total = sum(w.stat().st_size for w in wheels) / MiB
+        print(f"{len(wheels)} wheels, {total:.1f} MiB, for the {image.name} image (Python "
+              f"{args.python_version or image.python}) in {args.dest}:", *(f"  {w.name}" for w in wheels),
+              "install there with:", f"  {install_line(args.dest)}", sep="\n")
         return 0
     if args.cmd == "memory":
         import json
@@ -161,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("ours peak memory MB", fmt(r["ours_peak_memory_mb"])),
                 ("seed peak memory MB", fmt(r["seed_peak_memory_mb"])), ("memory measure", r["peak_memory_kind"])]
         if "ours_mfu" in r:
-            rows += [("ours MFU", f"{r['ours_mfu']:.1%}"), ("seed MFU (vs bf16 peak)", f"{r['seed_mfu']:.1%}")]
+            rows += [("ours MFU", f"{r['ours_mfu']:.1%}"), ("seed MFU (vs fp32 peak)", f"{r['seed_mfu']:.1%}")]
         if "saved_activations" in r:
             s = r["saved_activations"]
             rows += [(k, fmt(v)) for k, v in s.items() if k.startswith("saved_mb")]

@@ -13,8 +13,16 @@ from typing import Any
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the experiments shipped inside the package
 GOLD = CONFIGS / "gold.yaml"
 DEMO = CONFIGS / "demo.yaml"
-# Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, first match wins.
-PEAK_BF16 = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("T4", 65e12)]
+# Dense peaks in TFLOP/s by device-name substring (first match wins) and by the precision the matmuls ran in: MFU
+# divides by the peak of the precision that ran (fp32 without TF32 has about 1/15 of H100's bf16 peak).
+PEAK_TFLOPS = [("H200", {"bf16": 989, "tf32": 495, "fp32": 67}), ("H100", {"bf16": 989, "tf32": 495, "fp32": 67}),
+               ("A100", {"bf16": 312, "tf32": 156, "fp32": 19.5}), ("L4", {"bf16": 121, "tf32": 60, "fp32": 30}),
+               ("T4", {"bf16": 65, "tf32": 8.1, "fp32": 8.1})]  # T4: fp16 tensor cores; no bf16 or TF32 units
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    """The device's dense peak for `precision` ('bf16', 'tf32' or 'fp32'); None for a device not in the table."""
+    return next((peaks[precision] for key, peaks in PEAK_TFLOPS if key in device_name), None)
 
 
 def machine() -> dict[str, Any]:

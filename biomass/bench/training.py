@@ -9,16 +9,19 @@ import sys
 import time
 from typing import Any
 
-from biomass.bench.common import GOLD, PEAK_BF16, machine
+from biomass.bench.common import GOLD, machine, peak_tflops
 
-def _stage(model: str, size: int, freeze: float, batch: int, grad_ckpt: bool):
+def _stage(model: str, size: int, freeze: float, batch: int, grad_ckpt: bool, stage: str = "main"):
+    """gold's `stage` section at this backbone, size, batch and freeze fraction (random init, no weights file)."""
     from biomass.config.load import load_experiment
 
-    overrides = [f"main.model.backbone.model_name={model}", "main.model.backbone.weights=null",
-                 f"main.model.backbone.freeze_fraction={freeze}", f"main.image.size=[{size},{size}]",
-                 f"main.train.batch_size={batch}", f"main.model.backbone.grad_checkpointing={str(grad_ckpt).lower()}",
-                 "aux=null"]
-    return load_experiment(GOLD, overrides).config.main
+    overrides = [f"{stage}.model.backbone.model_name={model}", "main.model.backbone.weights=null",
+                 f"{stage}.model.backbone.freeze_fraction={freeze}", f"{stage}.image.size=[{size},{size}]",
+                 f"{stage}.train.batch_size={batch}",
+                 f"{stage}.model.backbone.grad_checkpointing={str(grad_ckpt).lower()}"]
+    if stage == "main":
+        overrides.append("aux=null")
+    return getattr(load_experiment(GOLD, overrides).config, stage)
 
 
 class _Batches:
@@ -47,15 +50,17 @@ def _peak_memory(device) -> dict[str, Any]:
             "peak_memory_kind": "process peak RSS (CPU approximation: includes Python, torch and the model)"}
 
 
-def _peak_flops(device, override: float | None) -> float | None:
+def _peak(device, precision: str, override: float | None) -> float | None:
+    """TFLOP/s the device can do in `precision` (`--peak-tflops` overrides the table); None: unknown (a CPU)."""
     import torch
 
     if override:
-        return override * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16 if k in name), None)
+        return override
+    return peak_tflops(torch.cuda.get_device_name(device), precision) if device.type == "cuda" else None
+
+
+FLOPS_COUNTED = ("executed FLOPs of one training step (torch FlopCounterMode: forward, backward and no weight "
+                 "gradients for the frozen half); MFU = achieved / the dense peak of the precision that ran")
 
 
 def train_variant(variant: str, args) -> dict[str, Any]:
@@ -66,23 +71,26 @@ def train_variant(variant: str, args) -> dict[str, Any]:
     from biomass.constants import IMAGENET_MEAN, IMAGENET_STD
     from biomass.engine.build import build_stage_model, make_optimizer, maybe_compile, unwrap
     from biomass.engine.loop import train_one_epoch
-    from biomass.stages import MAIN
+    from biomass.stages import by_name
     cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if cuda else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     if variant == "saved":
         return {"variant": variant, "device": str(device), **_saved_activations(args)}
-    stage = _stage(args.model, args.size, args.freeze, args.batch, args.grad_checkpointing)
+    stage_name = getattr(args, "stage", "main")
+    stage = _stage(args.model, args.size, args.freeze, args.batch, args.grad_checkpointing, stage_name)
     rss_before = _peak_memory(torch.device("cpu"))["peak_memory_mb"]
     torch.manual_seed(0)
-    model, loss_fn = build_stage_model(MAIN, stage, load_weights=False)
+    model, loss_fn = build_stage_model(by_name(stage_name), stage, load_weights=False)
     loss_fn = loss_fn.to(device)
     g = torch.Generator().manual_seed(1)
     b, s = args.batch, args.size
     u8 = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=g)
-    tab, target = torch.randn(b, 2, generator=g), torch.randn(b, 5, generator=g)
-    out: dict[str, Any] = {"variant": variant, "device": str(device)}
+    n_tab, n_target = len(by_name(stage_name).inputs), len(by_name(stage_name).targets)
+    tab, target = torch.randn(b, n_tab, generator=g), torch.randn(b, n_target, generator=g)
+    out: dict[str, Any] = {"variant": variant, "stage": stage_name, "device": str(device), "batch": b,
+                           "size": s, "freeze": args.freeze}
     if variant == "ours":
         from accelerate import Accelerator
 
@@ -108,6 +116,7 @@ def train_variant(variant: str, args) -> dict[str, Any]:
 
         out["precision"] = precision
         out["tf32"] = tf32
+        matmuls = "bf16" if precision in ("bf16", "fp16") else "tf32" if tf32 else "fp32"  # fp16 peak = bf16's
         out["compile"] = args.compile
         out["optimizer"] = f"AdamW over trainable tensors, fused={optimizer.defaults.get('fused')}"
     else:  # the seed's loop: fp32 (no TF32), normalised float input from the CPU, a host sync every step
@@ -137,6 +146,8 @@ def train_variant(variant: str, args) -> dict[str, Any]:
 
         one_step = lambda: run(1)  # noqa: E731
         out["precision"] = "fp32"
+        out["tf32"] = False
+        matmuls = "fp32"
         out["optimizer"] = "AdamW over trainable tensors, default (foreach) implementation"
     run(args.warmup)
     if cuda:
@@ -158,12 +169,12 @@ def train_variant(variant: str, args) -> dict[str, Any]:
         with FlopCounterMode(display=False) as counter:
             one_step()
         flops = counter.get_total_flops()
-        out["flops_per_step"] = flops
-        out["achieved_tflops"] = flops / step_s / 1e12
-        peak = _peak_flops(device, args.peak_tflops)
-        if peak:
-            out["mfu"] = flops / step_s / peak
-            out["peak_tflops"] = peak / 1e12
+        peak = _peak(device, matmuls, args.peak_tflops)
+        out.update({"flops_per_step": flops, "achieved_tflops": flops / step_s / 1e12, "peak_tflops": peak,
+                    "peak_precision": matmuls, "mfu": flops / step_s / (peak * 1e12) if peak else None,
+                    "flops_counted": FLOPS_COUNTED})
+        if not peak:
+            out["mfu_note"] = f"no {matmuls} peak known for {device.type}: MFU not computed"
     return out
 
 
@@ -232,7 +243,7 @@ def train_bench(args) -> dict[str, Any]:
            "settings": {"model": args.model, "size": args.size, "batch": args.batch, "freeze": args.freeze,
                         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
                         "grad_checkpointing": args.grad_checkpointing, "compile": args.compile, **machine()}}
-    if "mfu" in ours:
+    if ours.get("mfu") is not None:
         out["ours_mfu"], out["seed_mfu"] = ours["mfu"], seed.get("mfu")
     if "saved" in results:
         out["saved_activations"] = results["saved"]
