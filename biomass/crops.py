@@ -16,7 +16,8 @@ from biomass.errors import run_cli
 
 
 def _detect(args: argparse.Namespace) -> int:
-    done = write_crops(args.data_root, out=args.out, preview_dir=args.preview, force=args.force, workers=args.workers)
+    done = write_crops(args.data_root, out=args.out, preview_dir=args.preview, force=args.force, workers=args.workers,
+                       allow_outside_root=args.allow_outside_root)
     preview = f"; preview {done['preview']}" if done["preview"] else ""
     print(f"{done['images']} images, cardboard border found in {done['bordered']} -> {done['out']}{preview}")
     return 0
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     det.add_argument("--preview", type=Path, metavar="DIR", help="also write DIR/crops_preview.png")
     det.add_argument("--force", action="store_true", help="overwrite an existing output file")
     det.add_argument("--workers", type=int, help="decoding threads (default: CPU count, at most 8)")
+    det.add_argument("--allow-outside-root", action="store_true",
+                     help="let train.csv/test.csv name images outside DATA_ROOT (as data.allow_outside_root)")
     det.set_defaults(func=_detect)
     sco = sub.add_parser("score", help="compare predicted crop boxes with true ones")
     sco.add_argument("data_root", type=Path, help="dataset folder (image sizes are read from its images)")

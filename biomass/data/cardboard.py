@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from biomass.data.table import Box, read_csv
+from biomass.data.table import Box, check_images, check_inside, read_csv
 from biomass.errors import ConfigError, DataError
+from biomass.places import require_writable, write_csv_atomic
 
 WORK_LONG = 512  # long side of the copy the per-line tests run on
 SEED_DEPTH = 0.01  # the outermost strip (share of the image side) whose colour a band must keep
@@ -230,12 +231,16 @@ def detect_crops(root: str | Path, image_paths: Iterable[str], workers: int | No
     return pd.DataFrame([(p, *b) for p, b in zip(paths, boxes)], columns=list(CROP_COLUMNS))
 
 
-def dataset_images(root: str | Path) -> list[str]:
-    """Images listed in root/train.csv and root/test.csv (those that exist), else every *.jpg under train/, test/."""
+def dataset_images(root: str | Path, allow_outside_root: bool = False) -> list[str]:
+    """Images listed in root/train.csv and root/test.csv (those that exist), else every *.jpg under train/, test/.
+    Listed paths must stay under root unless `allow_outside_root` (biomass.data.table.check_inside)."""
     root, listed = Path(root), []
     for csv in (root / n for n in ("train.csv", "test.csv") if (root / n).is_file()):
         if len(csv.read_text(encoding="utf-8", errors="replace").strip().splitlines()) > 1:  # not just a header
-            listed += [str(p) for p in read_csv(csv, ("image_path",))["image_path"]]
+            names = read_csv(csv, ("image_path",))["image_path"].astype(str)
+            if not allow_outside_root:
+                check_inside(root, names.drop_duplicates(), csv)
+            listed += list(names)
     paths = listed or [
         p.relative_to(root).as_posix() for split in ("train", "test") for p in sorted((root / split).glob("*.jpg"))]
     if not paths:
@@ -250,20 +255,26 @@ def _bordered(root: Path, df: pd.DataFrame) -> np.ndarray:
 
 
 def write_crops(root: str | Path, out: str | Path | None = None, preview_dir: str | Path | None = None,
-                force: bool = False, workers: int | None = None) -> dict[str, object]:
+                force: bool = False, workers: int | None = None, allow_outside_root: bool = False
+                ) -> dict[str, object]:
     """Detect boxes for every dataset image (dataset_images) and write them to `out` (default root/crops.csv)
-    atomically; refuses to replace an existing file unless `force`. Returns a summary (images, bordered, paths)."""
+    atomically; refuses to replace an existing file unless `force`. Returns a summary (images, bordered, paths).
+
+    Before any detection: the output places are writable and every image decodes fully (check_images, the check
+    `biomass.run` makes), so a truncated JPEG is one error naming it and no crops.csv is written."""
     root, out = Path(root), Path(out) if out is not None else Path(root) / "crops.csv"
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
     if out.exists() and not force:
         raise DataError(f"{out}: already exists; pass --force to overwrite it")
-    df = detect_crops(root, dataset_images(root), workers=workers)
+    require_writable(out, "--out", is_file=True)
+    if preview_dir is not None:
+        require_writable(preview_dir, "--preview")
+    paths = dataset_images(root, allow_outside_root)
+    check_images(root, paths, "decode")
+    df = detect_crops(root, paths, workers=workers)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        df.to_csv(tmp, index=False, lineterminator="\n")
-        os.replace(tmp, out)  # readers see the old file or the whole new one, never a partial file
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_csv_atomic(df, out, index=False, lineterminator="\n")  # the old file or the whole new one, never a part
     preview = str(preview_grid(root, df, Path(preview_dir) / "crops_preview.png")) if preview_dir else None
     return {"images": len(df), "bordered": int(_bordered(root, df).sum()), "out": str(out), "preview": preview}
 
