@@ -34,6 +34,14 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from biomass.data.cardboard_eval import evaluate, markdown
+
+    summary = evaluate(args.n, args.seed, args.width, args.height, workers=args.workers, keep=args.keep)
+    print(json.dumps(summary, sort_keys=True, default=str) if args.json else markdown(summary))
+    return 0 if all(summary["met"].values()) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m biomass.crops", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     sco.add_argument("--truth", type=Path, help="true crops CSV (default DATA_ROOT/crops.csv)")
     sco.add_argument("--json", action="store_true", help="print one JSON object")
     sco.set_defaults(func=_score)
+    ev = sub.add_parser("evaluate", help="the detector on rendered borders of every kind (docs/CARDBOARD.md)")
+    ev.add_argument("--n", type=int, default=300, help="photos to render (default 300)")
+    ev.add_argument("--seed", type=int, default=2026)
+    ev.add_argument("--width", type=int, default=2000)
+    ev.add_argument("--height", type=int, default=1000)
+    ev.add_argument("--workers", type=int, help="detection threads")
+    ev.add_argument("--keep", type=Path, metavar="DIR", help="keep the photos, truth.csv and pred.csv in DIR")
+    ev.add_argument("--json", action="store_true", help="print the whole summary as JSON")
+    ev.set_defaults(func=_evaluate)
     args = parser.parse_args(argv)
     return args.func(args)
 
