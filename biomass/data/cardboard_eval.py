@@ -142,7 +142,7 @@ def score_bands(truth: pd.DataFrame, pred: pd.DataFrame, width: int, height: int
 
 def summarise(truth: pd.DataFrame, pred: pd.DataFrame, bands: pd.DataFrame) -> dict[str, Any]:
     """Headline figures and tables by board family and by depth."""
-    real = bands[bands["true"] > 0]
+    real, empty = bands[bands["true"] > 0], bands[bands["true"] == 0]
     clean = bands[~bands["bordered_photo"]]
     boxes = truth.merge(pred, on="image_path", suffixes=("", "_pred"))
     bordered = boxes[boxes["family"] != "none"]
@@ -150,12 +150,21 @@ def summarise(truth: pd.DataFrame, pred: pd.DataFrame, bands: pd.DataFrame) -> d
            for r in bordered.itertuples(index=False)]
 
     def table(groups) -> list[dict[str, Any]]:
-        return [{"group": str(k), "bands": len(g), "found": float(g["found"].mean()),
+        """Per group: bands, share found, mean depth error; for the family groups also the share of the photos'
+        edges without a band where one was invented."""
+        rows = [{"group": str(k), "bands": len(g), "found": float(g["found"].mean()),
                  "mean_depth_error": float(g["error"].mean()) if g["error"].notna().any() else None}
                 for k, g in real.groupby(groups, observed=True)]
+        if isinstance(groups, str) and groups == "family":
+            empty_by = {str(k): (len(g), float(g["invented"].mean())) for k, g in empty.groupby("family")}
+            rows = [{**r, "empty_edges": empty_by.get(r["group"], (0, None))[0],
+                     "invented": empty_by.get(r["group"], (0, None))[1]} for r in rows]
+            rows.append({"group": "none (unbordered)", "bands": 0, "found": None, "mean_depth_error": None,
+                         "empty_edges": empty_by.get("none", (0, None))[0],
+                         "invented": empty_by.get("none", (0, None))[1]})
+        return rows
 
     depth_bin = pd.cut(real["true"], DEPTH_BINS)
-    empty = bands[bands["true"] == 0]
     return {"photos": len(truth), "bordered_photos": len(bordered), "bands": len(real),
             "found": float(real["found"].mean()), "mean_depth_error": float(real["error"].mean()),
             "invented_share_all_empty_edges": float(empty["invented"].mean()),
@@ -189,17 +198,20 @@ def evaluate(n_images: int = 300, seed: int = 2026, width: int = 2000, height: i
 
 def markdown(summary: dict[str, Any]) -> str:
     """The report's tables, as docs/CARDBOARD.md shows them."""
-    pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    pct = lambda v, digits=1: "—" if v is None else f"{100 * v:.{digits}f}%"  # noqa: E731
     lines = [f"{summary['photos']} photos {summary['size'][0]}x{summary['size'][1]} (seed {summary['seed']}), "
              f"{summary['bordered_photos']} bordered with {summary['bands']} bands: found {pct(summary['found'])}, "
-             f"mean depth error {pct(summary['mean_depth_error'])} of the side; edges of unbordered photos with "
+             f"mean depth error {pct(summary['mean_depth_error'], 2)} of the side; edges of unbordered photos with "
              f"nothing invented {pct(summary['clean_edges'])} ({summary['unbordered_photos_with_a_crop']} photos "
              f"cropped); mean box IoU on bordered photos {summary['bordered_iou']:.4f}", ""]
     for key, title in (("by_family", "board"), ("by_depth", "depth (share of the side)"),
                        ("by_family_mottled", "board, mottled"), ("by_quality", "JPEG quality"),
                        ("by_stamp", "date stamp")):
-        lines += [f"| {title} | bands | found | mean depth error |", "| --- | ---: | ---: | ---: |"]
-        lines += [f"| {r['group']} | {r['bands']} | {pct(r['found'])} | {pct(r['mean_depth_error'])} |"
-                  for r in summary[key]]
+        extra = key == "by_family"  # edges without a band, and the share of them with one invented
+        lines += [f"| {title} | bands | found | mean depth error (share of the side) |"
+                  + (" edges without a band | invented |" if extra else ""),
+                  "| --- | ---: | ---: | ---: |" + (" ---: | ---: |" if extra else "")]
+        lines += [f"| {r['group']} | {r['bands']} | {pct(r['found'])} | {pct(r['mean_depth_error'], 2)} |"
+                  + (f" {r['empty_edges']} | {pct(r['invented'])} |" if extra else "") for r in summary[key]]
         lines.append("")
     return "\n".join(lines)

@@ -57,8 +57,8 @@ def check_inside(root: Path, image_paths: pd.Series, path: Path) -> None:
             why = f"leads to {(top / name).resolve()} through a symlink"
         else:
             continue
-        raise DataError(f"{path}: row {int(row) + 2} has image_path {str(image_path)!r}, which {why}, outside "
-                        f"data.root {top}; keep the images under data.root, or set data.allow_outside_root=true "
+        raise DataError(f"{path}: row {int(row) + 2} has image_path {str(image_path)!r}, which {why}, outside the "
+                        f"data root {top}; keep the images under it, or set data.allow_outside_root=true "
                         "if you trust this table")
 
 

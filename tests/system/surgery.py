@@ -354,11 +354,11 @@ def outside_root(how: str, csv: str = "train.csv"):
             new = f"../outside/{Path(old).name}" if how == "dotdot" else str(elsewhere)
         df.loc[df["image_path"] == old, "image_path"] = new
         save(df, root, csv)
+        expect = [csv, new, "outside the data root", "data.allow_outside_root"]
         if csv == "test.csv":
             run = fake_run(root.parent, root, missing="")
-            return [str(run), "--data", str(root), "--out", str(root.parent / "s.csv")], [csv, new, "outside data.root",
-                                                                                         "data.allow_outside_root"]
-        return dry(root), [csv, new, "outside data.root", "data.allow_outside_root"]
+            return [str(run), "--data", str(root), "--out", str(root.parent / "s.csv")], expect
+        return dry(root), expect
     return mutate
 
 

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 
 from surgery import (
-    DEMO, SMALL, make_base, image, row, dry, set_target, drop_column, missing_csv, empty_csv, header_only_csv, unknown_target,
-    duplicate_sample_id, target_missing, inconsistent, missing_image, write_bytes, warned, random_bytes,
-    garbage_body, damaged_scan, png16, replace_image, grayscale, rgba_png, cmyk, crop_outside, crops_missing,
-    weights_file, weights_mismatch, unknown_timm_model, pooling_does_not_fit, infer_missing_fold,
+    DEMO, SMALL, make_base, image, row, dry, set_target, drop_column, missing_csv, empty_csv, header_only_csv,
+    unknown_target, duplicate_sample_id, target_missing, inconsistent, missing_image, write_bytes, warned,
+    random_bytes, garbage_body, damaged_scan, png16, replace_image, grayscale, rgba_png, cmyk, crop_outside,
+    crops_missing, weights_file, weights_mismatch, unknown_timm_model, pooling_does_not_fit, infer_missing_fold,
     infer_missing_data, infer_not_a_run, giant_header, config_case, cache_under_file, run_dir_under_file,
     infer_out_under_file, infer_out_is_folder, infer_negative_batch, synthetic_under_file, outside_root,
     crops_truncated, crops_out_under_file, crops_preview_under_file)
@@ -130,7 +130,8 @@ CASES = [
     Case("post_scale_zero", "infer.post=[{clover_scale: 0}]",
          config_case("infer.post=[{clover_scale: 0}]", expect=("infer.post[0].factor", "greater than 0"))),
     Case("post_threshold_negative", "infer.post=[{zero_below: -1}]",
-         config_case("infer.post=[{zero_below: -1}]", expect=("infer.post[0].threshold", "greater than or equal to 0"))),
+         config_case("infer.post=[{zero_below: -1}]",
+                     expect=("infer.post[0].threshold", "greater than or equal to 0"))),
     Case("train_path_dotdot", "train.csv names ../outside/<image>.jpg (a copy outside data.root)",
          outside_root("dotdot")),
     Case("train_path_absolute", "train.csv names an absolute path outside data.root", outside_root("absolute")),
@@ -138,6 +139,8 @@ CASES = [
          outside_root("symlink")),
     Case("test_path_dotdot", "test.csv names ../outside/<image>.jpg (inference)", outside_root("dotdot", "test.csv"),
          module="biomass.infer"),
+    Case("dry_run_data_root_missing", "data.root names a folder that does not exist (--dry-run)",
+         lambda root: (dry(root.parent / "nowhere"), ["data.root", str(root.parent / "nowhere"), "does not exist"])),
     Case("crops_truncated", "crops detect: one train JPEG cut in half", crops_truncated, module="biomass.crops"),
     Case("crops_out_unwritable", "crops detect --out under a plain file", crops_out_under_file,
          module="biomass.crops"),
@@ -315,3 +318,24 @@ def test_outside_root_is_allowed_when_the_config_says_so(base, tmp_path, capsys)
     code, out, err = run_in_process(capsys, "biomass.run", [*args, "data.allow_outside_root=true"])
     assert code == 0 and "# data: 6 train images" in out, err
 
+
+
+# ----------------------------------------------------------------------------------------- the doc matches the code
+def test_every_file_and_name_reliability_md_names_exists():
+    """docs/RELIABILITY.md names files (`biomass/...`, `tests/...`) and functions, constants and test cases in
+    backticks; each must exist (a file) or be defined somewhere in biomass/ or tests/ (a name), so a rename that
+    leaves the page behind fails here."""
+    import re
+
+    from surgery import REPO
+
+    text = (REPO / "docs" / "RELIABILITY.md").read_text()
+    spans = re.findall(r"`([^`\n]+)`", text)
+    files = {m for s in spans for m in re.findall(r"\b((?:biomass|tests|docs|experiments|ablations)/[\w/.-]*\w)", s)}
+    missing = sorted(f for f in files if not (REPO / f).exists())
+    assert not missing, f"RELIABILITY.md names files that do not exist: {missing}"
+    source = "\n".join(p.read_text() for d in ("biomass", "tests") for p in (REPO / d).rglob("*.py"))
+    names = {s.split("(")[0] for s in spans if re.fullmatch(r"[A-Za-z_]\w*_\w*(\(.*\))?", s)}
+    undefined = sorted(n for n in names if not re.search(
+        rf"(def|class) {n}\b|^\s*{n}\s*[:=]|Case\(\"{n}\"|\bself\.{n}\s*=|\"{n}\"", source, re.M))
+    assert not undefined, f"RELIABILITY.md names what biomass/ and tests/ do not define: {undefined}"
