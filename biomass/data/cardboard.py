@@ -345,7 +345,14 @@ def _boxes(df: pd.DataFrame, what: str) -> dict[str, Box]:
     """{image_path: box} of a crops table, which must have CROP_COLUMNS and one row per image."""
     if not set(CROP_COLUMNS) <= set(df.columns) or df["image_path"].duplicated().any():
         raise DataError(f"{what} boxes need columns {', '.join(CROP_COLUMNS)} and one row per image")
-    return {r.image_path: (int(r.x0), int(r.y0), int(r.x1), int(r.y1)) for r in df.itertuples(index=False)}
+    boxes = {}
+    for r in df.itertuples(index=False):
+        values = pd.to_numeric(pd.Series([r.x0, r.y0, r.x1, r.y1]), errors="coerce")
+        if values.isna().any() or (values % 1 != 0).any() or not (values[0] < values[2] and values[1] < values[3]):
+            raise DataError(f"{what}: image {r.image_path!r} has box ({r.x0}, {r.y0}, {r.x1}, {r.y1}), which is not "
+                            "four whole pixel numbers with x0 < x1 and y0 < y1")
+        boxes[r.image_path] = tuple(int(v) for v in values)
+    return boxes
 
 
 def score_boxes(pred_df: pd.DataFrame, true_df: pd.DataFrame,
@@ -369,8 +376,9 @@ def score_boxes(pred_df: pd.DataFrame, true_df: pd.DataFrame,
 
 def score_files(root: str | Path, pred_csv: str | Path, true_csv: str | Path | None = None) -> dict:
     """score_boxes for two crops CSVs (default truth root/crops.csv), frames read from the images under root."""
-    pred = read_csv(Path(pred_csv), CROP_COLUMNS)
-    truth = read_csv(Path(true_csv) if true_csv is not None else Path(root) / "crops.csv", CROP_COLUMNS)
+    true_csv = Path(true_csv) if true_csv is not None else Path(root) / "crops.csv"
+    pred, truth = read_csv(Path(pred_csv), CROP_COLUMNS), read_csv(true_csv, CROP_COLUMNS)
+    _boxes(pred, str(pred_csv)), _boxes(truth, str(true_csv))  # each file's own line names it
     return score_boxes(pred, truth, {p: _image_size(Path(root) / p) for p in truth["image_path"]})
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 
 from biomass.constants import TABULAR, TARGETS
 from biomass.data.cardboard import EDGES, box_iou, detect_crops
+from biomass.errors import ConfigError
 
 # (hue degrees, saturation, value) ranges of each kind of board
 FAMILIES = {"grey": ((0, 360), (0.0, 0.08), (0.40, 0.75)), "white": ((0, 360), (0.0, 0.06), (0.84, 0.97)),
@@ -182,6 +183,8 @@ def summarise(truth: pd.DataFrame, pred: pd.DataFrame, bands: pd.DataFrame) -> d
 def evaluate(n_images: int = 300, seed: int = 2026, width: int = 2000, height: int = 1000,
              workers: int | None = None, keep: Path | None = None) -> dict[str, Any]:
     """Render, detect, score; `keep` keeps the photos, truth.csv and pred.csv there."""
+    if n_images < 1 or min(width, height) < 64:
+        raise ConfigError(f"evaluate needs at least 1 photo of at least 64x64, got {n_images} of {width}x{height}")
     with tempfile.TemporaryDirectory(prefix="cardboard-eval-") as tmp:
         folder = Path(keep) if keep is not None else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)

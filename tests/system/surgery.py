@@ -380,3 +380,16 @@ def crops_out_under_file(root):
 def crops_preview_under_file(root):
     bad = a_file(root) / "preview"
     return crops_detect(root, "--preview", str(bad)), ["--preview", str(bad), "is a file, not a folder"]
+
+
+def crops_score_bad_box(root):
+    """A predicted box with a word for a number (was: a ValueError traceback)."""
+    df = table(root, "crops.csv")
+    df.loc[1, "x0"] = "abc"
+    save(df, root.parent, "pred.csv")
+    return ["score", str(root), "--pred", str(root.parent / "pred.csv")], [
+        str(root.parent / "pred.csv"), df.loc[1, "image_path"], "(abc, "]
+
+
+def crops_evaluate_no_photos(root):
+    return ["evaluate", "--n", "0"], ["evaluate", "at least 1 photo"]  # was: a KeyError traceback
