@@ -318,9 +318,9 @@ def write_crops(root: str | Path, out: str | Path | None = None, preview_dir: st
     root, out = Path(root), Path(out) if out is not None else Path(root) / "crops.csv"
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
+    require_writable(out, "--out", is_file=True)  # a folder named as --out is named as such, not "already exists"
     if out.exists() and not force:
         raise DataError(f"{out}: already exists; pass --force to overwrite it")
-    require_writable(out, "--out", is_file=True)
     if preview_dir is not None:
         require_writable(preview_dir, "--preview")
     paths = dataset_images(root, allow_outside_root)

@@ -210,6 +210,32 @@ def test_sweep_with_a_diverging_variant_ends_1_with_every_table(data, tmp_path):
     assert "main fold 0" in rows["huge_lr"]["status"]
 
 
+def test_a_completed_child_with_an_empty_oof_costs_its_row_the_ci_not_the_sweep(data, tmp_path, monkeypatch):
+    """A child `completed` whose oof.csv has no rows (an older build, a damaged disk). Before: the sweep stopped at
+    `error: …/oof.csv: has a header but no rows`, exit 2, no tables; now its row says why it has no CI."""
+    import biomass.ablate.sweep as sweep
+    from helpers import FakeExecutor
+
+    class EmptyOof(FakeExecutor):
+        def run(self, jobs, on_done):
+            def done(job, outcome):
+                run_dir = job.folder / "run"
+                if json.loads((run_dir / "fake.json").read_text()).get("variant") == "mse":
+                    (run_dir / "oof.csv").write_text("sample_id,target\n")
+                on_done(job, outcome)
+            super().run(jobs, done)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    monkeypatch.setattr(sweep, "make_executor", lambda *a: EmptyOof(data, {}))
+    assert sweep.run_sweep([REPO / "ablations" / "losses.yaml"], DEMO, [f"data.root={data}", "aux=null"], 1,
+                           tmp_path / "runs") == 0
+    (root,) = (tmp_path / "runs").iterdir()
+    rows = {r["variant"]: r for r in json.loads((root / "losses" / "summary.json").read_text())["rows"]}
+    assert rows["mse"]["ci_lo"] is None and rows["mse"]["ci_note"].startswith("no CI: ") and "no rows" in \
+        rows["mse"]["ci_note"]
+    assert rows["r2"]["ci_lo"] is not None and (root / "graveyard.md").is_file()
+
+
 # ---------------------------------------------------------------------------------------- unwritable places
 def test_unwritable_mlflow_store_is_one_line_before_any_work(data, tmp_path, capsys, monkeypatch):
     """Before: 120 s of MLflow retries, then 181 lines."""
