@@ -62,7 +62,8 @@ def _crop_file(cfg: ExperimentConfig, root: Path) -> Path:
     path = root / cfg.data.crops
     if not path.is_file():
         raise DataError(f"{path}: crop boxes file not found; the real data has no boxes: make them with "
-                        f"`python -m biomass.crops detect {root}` (or set image.crop=false)")
+                        f"`python -m biomass.crops detect {root}` (or set image.crop=false; at inference on a "
+                        "read-only data folder, `--out FILE` there and `biomass.infer --crops FILE`)")
     return path
 
 

@@ -237,14 +237,14 @@ def pooling_does_not_fit(root):
     return dry(root, "main.model.pooling.name=cls"), ["main.model.pooling", "`cls`", "class token"]
 
 
-def fake_run(folder: Path, data: Path, missing: str = "main/fold1") -> Path:
+def fake_run(folder: Path, data: Path, missing: str = "main/fold1", *overrides: str) -> Path:
     """A completed-looking run directory of the demo config (checkpoint files are empty placeholders: the check
     that every fold is present comes before any is loaded)."""
     from biomass.config.load import load_experiment, to_yaml
 
     run = folder / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(to_yaml(load_experiment(DEMO, [f"data.root={data}", *SMALL]).config))
+    (run / "config.yaml").write_text(to_yaml(load_experiment(DEMO, [f"data.root={data}", *SMALL, *overrides]).config))
     (run / "run.json").write_text(json.dumps({"status": "completed", "format_version": 1}))
     images = pd.unique(table(data)["image_path"])
     pd.DataFrame({"image_path": images, "main_fold": np.arange(len(images)) % 3,

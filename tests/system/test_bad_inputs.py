@@ -343,3 +343,21 @@ def test_every_file_and_name_reliability_md_names_exists():
     undefined = sorted(n for n in names if not re.search(
         rf"(def|class) {n}\b|^\s*{n}\s*[:=]|Case\(\"{n}\"|\bself\.{n}\s*=|\"{n}\"", source, re.M))
     assert not undefined, f"RELIABILITY.md names what biomass/ and tests/ do not define: {undefined}"
+
+
+def test_inference_takes_crop_boxes_from_outside_a_read_only_data_folder(base, tmp_path, capsys):
+    """Kaggle's data folder is read-only, so crops.csv cannot be written next to the test images. Before: no way to
+    point inference at another file (and the hint said to write into the data folder); now `--crops FILE`."""
+    from surgery import fake_run
+
+    data = tmp_path / "data"
+    shutil.copytree(base, data)
+    (data / "crops.csv").rename(tmp_path / "boxes.csv")
+    run = fake_run(tmp_path, data, "", "infer.crop=boxes")
+    args = [str(run), "--data", str(data), "--out", str(tmp_path / "s.csv")]
+    code, _, err = run_in_process(capsys, "biomass.infer", args)
+    assert code == 2 and "crops.csv: crop boxes file not found" in err and "--crops FILE" in err, err
+    code, _, err = run_in_process(capsys, "biomass.infer", [*args, "--crops", str(tmp_path / "boxes.csv")])
+    # past the boxes: the fake run's empty checkpoints are what stops it now
+    assert code == 2 and "crop boxes" not in err and "best." in err, err
+
