@@ -210,6 +210,16 @@ def test_sweep_with_a_diverging_variant_ends_1_with_every_table(data, tmp_path):
     assert "main fold 0" in rows["huge_lr"]["status"]
 
 
+@pytest.mark.slow
+def test_diverged_test_time_training_is_one_line(data, tmp_path, capsys):
+    """`infer.ttt.lr` 1e30 in the deployable CV. Before: a FloatingPointError traceback, exit 1."""
+    args = [str(DEMO), f"data.root={data}", *TINY, "main.train.epochs=1", "main.folds.splitter.n_splits=2",
+            "aux.folds.splitter.n_splits=2", "infer.ttt={epochs: 1, lr: 1e30}", "--run-dir", str(tmp_path / "run")]
+    code, _, err = cli(capsys, "biomass.run", args)
+    one_error_line(code, err, "infer.ttt", "main fold 0", "fine-tuning loss is nan", "infer.ttt.lr")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
+
+
 def test_a_completed_child_with_an_empty_oof_costs_its_row_the_ci_not_the_sweep(data, tmp_path, monkeypatch):
     """A child `completed` whose oof.csv has no rows (an older build, a damaged disk). Before: the sweep stopped at
     `error: …/oof.csv: has a header but no rows`, exit 2, no tables; now its row says why it has no CI."""
