@@ -6,7 +6,7 @@ them, so the deployable CV and the submission apply exactly the same steps.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field
@@ -21,6 +21,7 @@ Step = Callable[[np.ndarray], np.ndarray]
 Weight = Annotated[float, Field(ge=0.0, le=1.0)]
 Scale = Annotated[float, Field(gt=0.0)]
 Grams = Annotated[float, Field(ge=0.0)]
+Target = Literal[TARGETS]  # a target name, checked with the config (not after training, when the chain first runs)
 GREEN, DEAD, CLOVER, GDM, TOTAL = range(5)
 
 
@@ -62,7 +63,7 @@ def clover_scale(*, factor: Scale = 0.8, rebalance: bool = True) -> Step:
 
 
 @POSTS.register("zero_below")
-def zero_below(*, threshold: Grams = 0.2, targets: tuple[str, ...] = ("Dry_Clover_g", "Dry_Dead_g")) -> Step:
+def zero_below(*, threshold: Grams = 0.2, targets: tuple[Target, ...] = ("Dry_Clover_g", "Dry_Dead_g")) -> Step:
     """Predictions under `threshold` grams set to 0 in the given targets (8th place (a): < 0.2 zeroed)."""
     cols = _columns(tuple(targets), "zero_below.targets")
 

@@ -132,6 +132,9 @@ CASES = [
     Case("post_threshold_negative", "infer.post=[{zero_below: -1}]",
          config_case("infer.post=[{zero_below: -1}]",
                      expect=("infer.post[0].threshold", "greater than or equal to 0"))),
+    Case("post_target_unknown", "infer.post=[{name: zero_below, targets: [Dry_Moss_g]}] (was: accepted, an error after "
+         "training)", config_case("infer.post=[{name: zero_below, targets: [Dry_Moss_g]}]",
+                                  expect=("infer.post[0].targets", "'Dry_Moss_g'", "Dry_Clover_g"))),
     Case("train_path_dotdot", "train.csv names ../outside/<image>.jpg (a copy outside data.root)",
          outside_root("dotdot")),
     Case("train_path_absolute", "train.csv names an absolute path outside data.root", outside_root("absolute")),
