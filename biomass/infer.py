@@ -19,9 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="folder with test.csv and test/ (Kaggle layout)")
     parser.add_argument("--out", type=Path, default=Path("submission.csv"))
     parser.add_argument("--batch-size", type=int, help="default: the config's infer.batch_size")
+    parser.add_argument("--crops", type=Path, help="crop boxes CSV (default: data.crops in --data); where --data is "
+                        "read-only (Kaggle), write it elsewhere with `python -m biomass.crops detect DATA --out FILE`")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
-    write_submission(args.run_dir.resolve(), args.data.resolve(), args.out, args.batch_size)
+    write_submission(args.run_dir.resolve(), args.data.resolve(), args.out, args.batch_size, crops=args.crops)
     return 0
 
 

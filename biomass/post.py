@@ -6,14 +6,22 @@ them, so the deployable CV and the submission apply exactly the same steps.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import Field
 
 from biomass.constants import TARGET_WEIGHTS, TARGETS
 from biomass.errors import ConfigError
 from biomass.registry import POSTS
 
 Step = Callable[[np.ndarray], np.ndarray]
+# The knobs' ranges, checked when the config is validated (as infer.ttt.blend is): a blend weight outside [0, 1]
+# extrapolates, a scale <= 0 flips or erases a target, a negative threshold zeroes nothing and reads as a typo.
+Weight = Annotated[float, Field(ge=0.0, le=1.0)]
+Scale = Annotated[float, Field(gt=0.0)]
+Grams = Annotated[float, Field(ge=0.0)]
+Target = Literal[TARGETS]  # a target name, checked with the config (not after training, when the chain first runs)
 GREEN, DEAD, CLOVER, GDM, TOTAL = range(5)
 
 
@@ -39,7 +47,7 @@ def mass_balance() -> Step:
 
 
 @POSTS.register("clover_scale")
-def clover_scale(*, factor: float = 0.8, rebalance: bool = True) -> Step:
+def clover_scale(*, factor: Scale = 0.8, rebalance: bool = True) -> Step:
     """Clover x factor (1st and 8th places: x0.8); with `rebalance`, GDM and Total drop by the clover removed."""
 
     def step(pred: np.ndarray) -> np.ndarray:
@@ -55,7 +63,7 @@ def clover_scale(*, factor: float = 0.8, rebalance: bool = True) -> Step:
 
 
 @POSTS.register("zero_below")
-def zero_below(*, threshold: float = 0.2, targets: tuple[str, ...] = ("Dry_Clover_g", "Dry_Dead_g")) -> Step:
+def zero_below(*, threshold: Grams = 0.2, targets: tuple[Target, ...] = ("Dry_Clover_g", "Dry_Dead_g")) -> Step:
     """Predictions under `threshold` grams set to 0 in the given targets (8th place (a): < 0.2 zeroed)."""
     cols = _columns(tuple(targets), "zero_below.targets")
 
@@ -69,7 +77,7 @@ def zero_below(*, threshold: float = 0.2, targets: tuple[str, ...] = ("Dry_Clove
 
 
 @POSTS.register("blend_sums")
-def blend_sums(*, weight: float = 0.5) -> Step:
+def blend_sums(*, weight: Weight = 0.5) -> Step:
     """GDM and Total blended with the sums of their parts: (1-w)·pred + w·sum (1st place: 50/50)."""
 
     def step(pred: np.ndarray) -> np.ndarray:

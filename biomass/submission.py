@@ -29,14 +29,18 @@ def check_output(out: Path) -> Path:
 
 
 def write_submission(run_dir: Path, data_dir: Path, out: Path, batch_size: int | None = None,
-                     main_folds: list[int] | None = None, aux_folds: list[int] | None = None) -> pd.DataFrame:
-    """Predict every test image with every fold model (or the folds given) and write Kaggle's submission CSV."""
+                     main_folds: list[int] | None = None, aux_folds: list[int] | None = None,
+                     crops: Path | None = None) -> pd.DataFrame:
+    """Predict every test image with every fold model (or the folds given) and write Kaggle's submission CSV.
+    `crops`: the crop boxes file, where it cannot sit in the (read-only) data folder."""
     from biomass.engine.build import make_accelerator
 
     if batch_size is not None and batch_size < 1:
         raise BiomassError(f"--batch-size must be at least 1, got {batch_size}")
     run = RunDir(run_dir)
     cfg = run.completed()
+    if crops is not None:  # an absolute data.crops: `root / crops` is the file itself, for test and training images
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"crops": str(Path(crops).resolve())})})
     out = check_output(out)
     if cfg.data.cache_dir is not None:
         require_writable(cfg.data.cache_dir, "data.cache_dir (from the run's config.yaml)")

@@ -20,6 +20,7 @@ from biomass.data.scalers import Scaler
 from biomass.data.source import TrainData
 from biomass.engine.build import make_loader, make_optimizer, unwrap
 from biomass.engine.loop import train_one_epoch
+from biomass.metrics import NotScorable
 from biomass.models.model import BiomassModel
 from biomass.registry import LOSSES
 from biomass.stages import MAIN
@@ -86,8 +87,8 @@ def finetune(accelerator: Accelerator, cfg: ExperimentConfig, model: BiomassMode
         loader.set_epoch(epoch)
         loss = train_one_epoch(accelerator, model, loader, loss_fn, optimizer, tuned)
         if not np.isfinite(loss):
-            raise FloatingPointError(f"infer.ttt: main fold {fold}'s fine-tuning loss is {loss} at epoch {epoch}; "
-                                     "lower infer.ttt.lr")
+            raise NotScorable(f"infer.ttt: main fold {fold}'s fine-tuning loss is {loss} at epoch {epoch}; "
+                              "lower infer.ttt.lr")
     del optimizer, loader
     return unwrap(accelerator, model).eval()
 

@@ -29,9 +29,11 @@ class RunResult:
 
 
 # ------------------------------------------------------------------------------------------------------- summary
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and std over the seeds that have the value; none (not a number) when any is NaN or inf, or none has it:
+    a mean over the finite ones would hide a diverged seed."""
+    values = [v for v in values if v is not None]
+    if not values or not all(math.isfinite(v) for v in values):
         return None, None
     mean = sum(values) / len(values)
     if len(values) < 2:
@@ -99,7 +101,7 @@ def add_intervals(ablation: Ablation, rows: list[dict[str, Any]], results: list[
             row["ci_note"] = "no completed baseline" if BASELINE not in runs else "no completed variant"
         return rows
     data = ablation.baseline.config.data
-    wide = read_train(data.root, data.train_csv)
+    wide = read_train(data.root, data.train_csv, data.allow_outside_root)
     truth = pd.DataFrame({"image_id": wide["image_id"], **{t: wide[t] for t in TARGETS}})
     by_variant = {c["variant"]: c for c in compare_runs(truth, runs, BASELINE, deployable=True, n_boot=n_boot)}
     for row in rows:

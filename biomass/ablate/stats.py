@@ -280,7 +280,11 @@ def compare_runs(y_true_wide: pd.DataFrame, runs: Mapping[str, Mapping[int, str 
         dirs = [var_runs[s] for s in seeds] + [base_runs[s] for s in seeds]
         use_deployable = deployable and all((d / OOF_FILES[True]).is_file() for d in dirs)
         row["score"] = "deployable" if use_deployable else "oracle"
-        tables = [load_oof(d, use_deployable) for d in dirs]
+        try:  # a damaged or empty OOF file costs this row its CI, not the sweep its tables
+            tables = [load_oof(d, use_deployable) for d in dirs]
+        except DataError as err:
+            row["note"] = f"no CI: {err}"
+            continue
         common = truth.index
         for t in tables:
             common = common.intersection(t.index)

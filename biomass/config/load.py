@@ -197,7 +197,7 @@ def resolve_paths(raw: dict[str, Any], model: type[BaseModel], base: Path,
 def component_model(registry: Registry, name: str) -> type[BaseModel]:
     """A pydantic model of a builder's keyword arguments (types from its hints, defaults from its signature)."""
     builder = registry.get(name)
-    hints = typing.get_type_hints(builder)
+    hints = typing.get_type_hints(builder, include_extras=True)  # keeps Annotated ranges (biomass.post)
     fields: dict[str, Any] = {}
     for key, param in registry.parameters(name).items():
         default = ... if param.default is inspect.Parameter.empty else param.default

@@ -47,6 +47,7 @@ class DataConfig(Section):
     crops: str | None = None  # CSV inside root: image_path,x0,y0,x1,y1 (pixel boxes of the original image)
     check_images: Literal["decode", "header"] = "decode"
     num_workers: int = Field(2, ge=0)
+    allow_outside_root: bool = False  # image_path rows may leave root (absolute, `..`, symlinks): trust the CSVs
     cache_dir: Path | None = None  # decoded-image cache: crop + resize once, memory-mapped uint8 (see BENCHMARKS)
     demo: DemoData | None = None
 

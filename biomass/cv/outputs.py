@@ -20,7 +20,7 @@ from biomass.constants import SHORT, TABULAR, TARGETS, sample_id
 from biomass.data.source import TrainData
 from biomass.engine.checkpoint import write_json
 from biomass.engine.loop import FoldResult
-from biomass.metrics import score_report
+from biomass.metrics import score_report, scored_rows
 from biomass.rundir import AUX_OOF, CONFIG, FOLDS, METRICS, OOF, OOF_DEPLOYABLE, PLOTS, RunDir
 from biomass.stages import AUX, MAIN, Stage
 from biomass.tracking import Tracker, scatter_plot
@@ -66,24 +66,28 @@ def compute_metrics(accelerator, cfg: ExperimentConfig, data: TrainData, run: Ru
                     results: dict[Stage, list[FoldResult]], aux_oof: np.ndarray | None, main_uses_tabular: bool
                     ) -> tuple[dict[str, Any], np.ndarray | None]:
     y = data.table[list(TARGETS)].to_numpy(np.float64)
-    scored = ~np.isnan(main_oof).any(axis=1)
+    # the rows the trained folds held out, every one finite (else one error naming the fold): never a score on none
+    scored = scored_rows(main_oof, held_out(fold_ids[MAIN], folds[MAIN]), f"{run}: main out-of-fold")
     report = score_report(y[scored], main_oof[scored])
     metrics: dict[str, Any] = {"cv/weighted_r2": report["weighted_r2"], "cv/mean_target_r2": report["mean_target_r2"],
                                **{f"cv/{t}_r2": v for t, v in report["per_target"].items()},
-                               "cv/images_scored": int(scored.sum())}
+                               "cv/images_scored": len(scored)}
     metrics["folds"] = {stage.name: {str(r.fold): {"best_epoch": r.best_epoch, **r.best} for r in rs}
                         for stage, rs in results.items()}
     if aux_oof is not None:
-        ok = ~np.isnan(aux_oof).any(axis=1)
+        ok = scored_rows(aux_oof, held_out(fold_ids[AUX], folds[AUX]), f"{run}: aux out-of-fold")
         t = data.table[list(TABULAR)].to_numpy(np.float64)
         aux = AUX.score(t[ok], aux_oof[ok])
         metrics.update({f"cv/aux_{n}_r2": aux[f"r2/{n}"] for n in TABULAR})
     if not chain_runs(cfg, main_uses_tabular):
         return metrics, None
     deployable = deployable_predictions(accelerator, cfg, data, run, fold_ids, folds)
-    ok = ~np.isnan(deployable).any(axis=1)
+    aux_rows = np.concatenate(list(held_out(fold_ids[AUX], folds[AUX]).values())) if cfg.aux is not None else None
+    chained = {k: rows if aux_rows is None else np.intersect1d(rows, aux_rows)
+               for k, rows in held_out(fold_ids[MAIN], folds[MAIN]).items()}
+    ok = scored_rows(deployable, chained, f"{run}: deployable chain, main")
     metrics["cv/weighted_r2_deployable"] = score_report(y[ok], deployable[ok])["weighted_r2"]
-    metrics["cv/deployable_images_scored"] = int(ok.sum())
+    metrics["cv/deployable_images_scored"] = len(ok)
     metrics["cv/deployable_chain"] = repr(ChainSettings.of(cfg))
     leak = chain_is_leaky(cfg, fold_ids[MAIN], fold_ids.get(AUX))
     metrics["cv/deployable_leak"] = leak is not None

@@ -17,18 +17,24 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from biomass.data.table import Box, read_csv
+from biomass.data.table import Box, check_images, check_inside, read_csv
 from biomass.errors import ConfigError, DataError
+from biomass.places import require_writable, write_csv_atomic
 
 WORK_LONG = 512  # long side of the copy the per-line tests run on
 SEED_DEPTH = 0.01  # the outermost strip (share of the image side) whose colour a band must keep
-MIN_BAND, MAX_BAND = 0.012, 0.35  # a band shallower than this is noise; deeper is not a border but the scene
+MIN_BAND, MAX_BAND = 0.012, 0.40  # a band shallower than this is noise; deeper is not a border but the scene
+THIN_REACH, THIN_BAND, THIN_SEED = 0.04, 0.006, 0.004  # thin-band pass at the decoded size: outer 4%, >= 0.6% deep
+THIN_STRAIGHT_TOL, THIN_STRAIGHT_K, THIN_STRAIGHT_SHARE = 1.5, 0.2, 0.7  # ... straight to max(1.5 px, 20% of its
+THIN_STEP_SHARE = 0.5  # depth) on 70% of the lines, or a step (see STEP_*) where half of the walks end together
 COLOUR_TOL = 12.0  # CIELAB distance to the seed colour: covers the cardboard's mottle, not a change of material
+WALK_GAP = 3  # a line's walk ends at this many non-matching pixels in a row
+STEP_QUANTILE, STEP_SHARE, STEP_MIN = 0.2, 0.35, 4.0  # lines that run on: see _step
 TEX_FLOOR, TEX_NOISE_K = 2.5, 3.0  # flat: 3x3 std of L* below 2.5 or 3x the seed strip's own (sensor noise)
 STRAIGHT_TOL = 0.008  # a line's band end may be this far (share of the side) from the fitted straight edge ...
 STRAIGHT_SHARE = 0.6  # ... for at least this share of the lines: the inner edge is a straight line
 MAX_TILT = 0.05  # ... at most this steep (about 3 degrees) against the image edge: a camera held not quite square
-MAX_SATURATION = 0.40  # HSV saturation of the band: cardboard is grey to beige, never vivid
+MAX_SATURATION = 0.75  # HSV saturation of the band: grey, white, beige, kraft or dark brown board, never vivid
 MIN_A = -12.0  # CIELAB a* of the band: not green (grey cardboard under a tinted light reaches -6)
 INSIDE_CONTRAST, INSIDE_TEXTURE = 10.0, 3.0  # just inside the band: this CIELAB distance away, or 3x as textured
 SHADOW_MAX = 0.015  # a dark frame line at most this deep (share of the short side) belongs to the border
@@ -69,11 +75,11 @@ def _line_seeds(lab_lines: np.ndarray, depth: int) -> np.ndarray:
     return np.median(np.lib.stride_tricks.sliding_window_view(seeds, SEED_SMOOTH, axis=0), axis=-1)
 
 
-def _straight(rows: np.ndarray, runs: np.ndarray, width: int) -> bool:
-    """Do most lines' band ends lie near one straight line no steeper than MAX_TILT? A first line through the
-    medians of the two halves ignores stray lines; then a least-squares fit to the rest."""
-    tol = max(1.5, STRAIGHT_TOL * width)
-    t, need, half = rows - rows.mean(), max(3, STRAIGHT_SHARE * len(runs)), len(runs) // 2
+def _straight(rows: np.ndarray, runs: np.ndarray, tol: float, share: float) -> bool:
+    """Do most lines' band ends (`share` of them) lie within `tol` pixels of one straight line no steeper than
+    MAX_TILT? A first line through the medians of the two halves ignores stray lines; then a least-squares fit to the
+    rest."""
+    t, need, half = rows - rows.mean(), max(3, share * len(runs)), len(runs) // 2
     slope = (np.median(runs[-half:]) - np.median(runs[:half])) / max(1, np.median(t[-half:]) - np.median(t[:half]))
     near = np.abs(runs - (np.median(runs - slope * t) + slope * t)) <= tol
     if near.sum() < need:
@@ -82,24 +88,49 @@ def _straight(rows: np.ndarray, runs: np.ndarray, width: int) -> bool:
     return np.sum(np.abs(runs - (offset + slope * t)) <= tol) >= need and abs(slope) <= MAX_TILT
 
 
-def _band_depth(lab: np.ndarray, tex: np.ndarray, sat: np.ndarray, stamp: np.ndarray, rows: np.ndarray) -> int:
+def _walk(band_lab: np.ndarray, band_tex: np.ndarray, seed_depth: int) -> np.ndarray:
+    """Per line, how far from the edge its pixels keep the line's seed colour (within COLOUR_TOL) and stay flat (the
+    texture tolerance comes from the seed strip itself: TEX_NOISE_K x its own, at least TEX_FLOOR). A line ends at
+    WALK_GAP non-members in a row: a speck, a noise spike or a fibre of mottled board does not end it."""
+    seeds = _line_seeds(band_lab, seed_depth)
+    tex_tol = max(TEX_FLOOR, TEX_NOISE_K * float(np.median(band_tex[:, :seed_depth])))
+    miss = ~((np.linalg.norm(band_lab - seeds[:, None, :], axis=2) < COLOUR_TOL) & (band_tex < tex_tol))
+    stop = np.ones_like(miss[:, : miss.shape[1] - WALK_GAP + 1])
+    for k in range(WALK_GAP):
+        stop &= miss[:, k: miss.shape[1] - WALK_GAP + 1 + k]
+    return np.where(stop.any(axis=1), stop.argmax(axis=1), band_lab.shape[1])
+
+
+def _step(runs: np.ndarray, tol: float, share: float) -> int:
+    """The inner edge of a band whose scene looks like the board on some lines (dark board on bare soil), or 0: the
+    walks do not end on one straight line, because some run on into the scene, but `share` of them end within `tol`
+    of their STEP_QUANTILE, a depth nearly every line reaches."""
+    depth = float(np.quantile(runs, STEP_QUANTILE))
+    return int(round(depth)) if depth >= STEP_MIN * tol and np.mean(np.abs(runs - depth) <= tol) >= share else 0
+
+
+def _band_depth(lab: np.ndarray, tex: np.ndarray, sat: np.ndarray, stamp: np.ndarray, rows: np.ndarray,
+                side: int | None = None) -> int:
     """Depth in pixels of a band at column 0 of the oriented arrays, or 0: each line (row) is walked from the
     edge while its pixels keep the line's seed colour and stay flat; the median stop counts if the stops lie on a
-    straight line and the band passes the colour and contrast gates."""
-    width = lab.shape[1]
-    reach, seed_depth = min(width, int(MAX_BAND * width) + 2), max(2, round(SEED_DEPTH * width))
+    straight line and the band passes the colour and contrast gates. `side`: the image's full extent across the
+    edge when the arrays are only its outer strip (the thin-band pass), which then bounds the walk."""
+    width = side or lab.shape[1]
+    reach = min(lab.shape[1], int(MAX_BAND * width) + 2)
+    seed_depth = max(2, round((SEED_DEPTH if side is None else THIN_SEED) * width))
     rows = rows[_unstamped(stamp[rows, :reach])]
     if len(rows) < 5:
         return 0
     band_lab, band_tex = lab[rows, :reach], tex[rows, :reach]
-    seeds = _line_seeds(band_lab, seed_depth)
-    tex_tol = max(TEX_FLOOR, TEX_NOISE_K * float(np.median(band_tex[:, :seed_depth])))
-    member = (np.linalg.norm(band_lab - seeds[:, None, :], axis=2) < COLOUR_TOL) & (band_tex < tex_tol)
-    # A line stops at its first two consecutive non-members: one stray pixel (a noise spike) does not end it.
-    stop = ~member[:, :-1] & ~member[:, 1:]
-    runs = np.where(stop.any(axis=1), stop.argmax(axis=1), reach)
+    runs = _walk(band_lab, band_tex, seed_depth)
+    thin = side is not None
     depth = int(np.median(runs))
-    if depth < max(2, MIN_BAND * width) or depth >= reach - 1 or not _straight(rows, runs, width):
+    # a straight inner edge: within a share of the side, or for a thin band (a few pixels) a share of its depth
+    tol = max(THIN_STRAIGHT_TOL, THIN_STRAIGHT_K * depth) if thin else max(1.5, STRAIGHT_TOL * width)
+    if not _straight(rows, runs, tol, THIN_STRAIGHT_SHARE if thin else STRAIGHT_SHARE):
+        depth = _step(runs, tol, THIN_STEP_SHARE if thin else STEP_SHARE)
+    shallowest = max(2, (THIN_BAND if thin else MIN_BAND) * width)
+    if depth < shallowest or depth >= reach - 1 - (2 * seed_depth if thin else 0):
         return 0
     inner = slice(depth + 2, min(width, depth + 2 + 2 * seed_depth))
     band_colour = np.median(band_lab[:, :depth].reshape(-1, 3), axis=0)
@@ -111,14 +142,31 @@ def _band_depth(lab: np.ndarray, tex: np.ndarray, sat: np.ndarray, stamp: np.nda
     return depth if differs or inside_flat >= INSIDE_TEXTURE * band_flat else 0
 
 
-def _coarse_depths(bgr: np.ndarray) -> dict[str, int]:
-    """Band depth per edge on the work copy. The first pass tests the central 70% of the lines; the second only
-    those between the bands found across (where two bands meet, a corner looks like a band as deep as the other)."""
+def _features(bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """CIELAB, texture (3x3 std of L*: ~0 on cardboard, high across blades and straws), HSV saturation, stamp mask."""
     lab = _lab(bgr)
     lightness = np.ascontiguousarray(lab[..., 0])
     mean, sq = cv2.blur(lightness, (3, 3)), cv2.blur(lightness * lightness, (3, 3))
-    tex = np.sqrt(np.maximum(sq - mean * mean, 0.0))  # 3x3 std of L*: ~0 on cardboard, high across blades, straws
-    sat, stamp = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)[..., 1].astype(np.float32) / 255.0, _stamp_mask(bgr)
+    tex = np.sqrt(np.maximum(sq - mean * mean, 0.0))
+    return lab, tex, cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)[..., 1].astype(np.float32) / 255.0, _stamp_mask(bgr)
+
+
+def _thin_depth(bgr: np.ndarray, edge: str, span: tuple[int, int]) -> int:
+    """Depth in `bgr` pixels of a band too thin for the work copy (under ~2% of the side), or 0: the same walk and
+    gates on the outer THIN_REACH of the side at the decoded resolution, over the lines in `span`."""
+    img = _oriented(bgr, edge)
+    side = img.shape[1]
+    strip = np.ascontiguousarray(img[span[0]:span[1], : min(side, int(THIN_REACH * side) + 8)])
+    if strip.shape[0] < 16:
+        return 0
+    rows = np.arange(0, strip.shape[0], max(1, strip.shape[0] // 400))
+    return _band_depth(*_features(strip), rows, side=side)
+
+
+def _coarse_depths(bgr: np.ndarray) -> dict[str, int]:
+    """Band depth per edge on the work copy. The first pass tests the central 70% of the lines; the second only
+    those between the bands found across (where two bands meet, a corner looks like a band as deep as the other)."""
+    lab, tex, sat, stamp = _features(bgr)
     depths: dict[str, int] = {}
     for _ in range(2):
         found = {}
@@ -169,6 +217,12 @@ def _box_in(bgr: np.ndarray, work_scale: float, depths: dict[str, int]) -> Box:
         length = (height if edge in ("left", "right") else width) / work_scale
         span = (depths[ACROSS[edge][0]] + 0.03 * length, length - depths[ACROSS[edge][1]] - 0.03 * length)
         placed[edge] = _place_edge(bgr, edge, depths[edge], span, work_scale)
+    for edge in (e for e in EDGES if not depths[e]):  # a band too thin for the work copy, at the decoded size
+        length = height if edge in ("left", "right") else width
+        lo, hi = placed[ACROSS[edge][0]] + int(0.03 * length), length - placed[ACROSS[edge][1]] - int(0.03 * length)
+        thin = _thin_depth(bgr, edge, (lo, hi))
+        if thin:
+            placed[edge] = _place_edge(bgr, edge, thin / work_scale, (lo / work_scale, hi / work_scale), work_scale)
     x0, y0, x1, y1 = placed["left"], placed["top"], width - placed["right"], height - placed["bottom"]
     eaten = x1 - x0 < 0.3 * width or y1 - y0 < 0.3 * height  # bands eating most of the frame: trust none
     return (0, 0, width, height) if eaten else (x0, y0, x1, y1)
@@ -230,12 +284,16 @@ def detect_crops(root: str | Path, image_paths: Iterable[str], workers: int | No
     return pd.DataFrame([(p, *b) for p, b in zip(paths, boxes)], columns=list(CROP_COLUMNS))
 
 
-def dataset_images(root: str | Path) -> list[str]:
-    """Images listed in root/train.csv and root/test.csv (those that exist), else every *.jpg under train/, test/."""
+def dataset_images(root: str | Path, allow_outside_root: bool = False) -> list[str]:
+    """Images listed in root/train.csv and root/test.csv (those that exist), else every *.jpg under train/, test/.
+    Listed paths must stay under root unless `allow_outside_root` (biomass.data.table.check_inside)."""
     root, listed = Path(root), []
     for csv in (root / n for n in ("train.csv", "test.csv") if (root / n).is_file()):
         if len(csv.read_text(encoding="utf-8", errors="replace").strip().splitlines()) > 1:  # not just a header
-            listed += [str(p) for p in read_csv(csv, ("image_path",))["image_path"]]
+            names = read_csv(csv, ("image_path",))["image_path"].astype(str)
+            if not allow_outside_root:
+                check_inside(root, names.drop_duplicates(), csv)
+            listed += list(names)
     paths = listed or [
         p.relative_to(root).as_posix() for split in ("train", "test") for p in sorted((root / split).glob("*.jpg"))]
     if not paths:
@@ -250,20 +308,26 @@ def _bordered(root: Path, df: pd.DataFrame) -> np.ndarray:
 
 
 def write_crops(root: str | Path, out: str | Path | None = None, preview_dir: str | Path | None = None,
-                force: bool = False, workers: int | None = None) -> dict[str, object]:
+                force: bool = False, workers: int | None = None, allow_outside_root: bool = False
+                ) -> dict[str, object]:
     """Detect boxes for every dataset image (dataset_images) and write them to `out` (default root/crops.csv)
-    atomically; refuses to replace an existing file unless `force`. Returns a summary (images, bordered, paths)."""
+    atomically; refuses to replace an existing file unless `force`. Returns a summary (images, bordered, paths).
+
+    Before any detection: the output places are writable and every image decodes fully (check_images, the check
+    `biomass.run` makes), so a truncated JPEG is one error naming it and no crops.csv is written."""
     root, out = Path(root), Path(out) if out is not None else Path(root) / "crops.csv"
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    require_writable(out, "--out", is_file=True)  # a folder named as --out is named as such, not "already exists"
     if out.exists() and not force:
         raise DataError(f"{out}: already exists; pass --force to overwrite it")
-    df = detect_crops(root, dataset_images(root), workers=workers)
+    if preview_dir is not None:
+        require_writable(preview_dir, "--preview")
+    paths = dataset_images(root, allow_outside_root)
+    check_images(root, paths, "decode")
+    df = detect_crops(root, paths, workers=workers)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        df.to_csv(tmp, index=False, lineterminator="\n")
-        os.replace(tmp, out)  # readers see the old file or the whole new one, never a partial file
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_csv_atomic(df, out, index=False, lineterminator="\n")  # the old file or the whole new one, never a part
     preview = str(preview_grid(root, df, Path(preview_dir) / "crops_preview.png")) if preview_dir else None
     return {"images": len(df), "bordered": int(_bordered(root, df).sum()), "out": str(out), "preview": preview}
 
@@ -281,7 +345,14 @@ def _boxes(df: pd.DataFrame, what: str) -> dict[str, Box]:
     """{image_path: box} of a crops table, which must have CROP_COLUMNS and one row per image."""
     if not set(CROP_COLUMNS) <= set(df.columns) or df["image_path"].duplicated().any():
         raise DataError(f"{what} boxes need columns {', '.join(CROP_COLUMNS)} and one row per image")
-    return {r.image_path: (int(r.x0), int(r.y0), int(r.x1), int(r.y1)) for r in df.itertuples(index=False)}
+    boxes = {}
+    for r in df.itertuples(index=False):
+        values = pd.to_numeric(pd.Series([r.x0, r.y0, r.x1, r.y1]), errors="coerce")
+        if values.isna().any() or (values % 1 != 0).any() or not (values[0] < values[2] and values[1] < values[3]):
+            raise DataError(f"{what}: image {r.image_path!r} has box ({r.x0}, {r.y0}, {r.x1}, {r.y1}), which is not "
+                            "four whole pixel numbers with x0 < x1 and y0 < y1")
+        boxes[r.image_path] = tuple(int(v) for v in values)
+    return boxes
 
 
 def score_boxes(pred_df: pd.DataFrame, true_df: pd.DataFrame,
@@ -305,8 +376,9 @@ def score_boxes(pred_df: pd.DataFrame, true_df: pd.DataFrame,
 
 def score_files(root: str | Path, pred_csv: str | Path, true_csv: str | Path | None = None) -> dict:
     """score_boxes for two crops CSVs (default truth root/crops.csv), frames read from the images under root."""
-    pred = read_csv(Path(pred_csv), CROP_COLUMNS)
-    truth = read_csv(Path(true_csv) if true_csv is not None else Path(root) / "crops.csv", CROP_COLUMNS)
+    true_csv = Path(true_csv) if true_csv is not None else Path(root) / "crops.csv"
+    pred, truth = read_csv(Path(pred_csv), CROP_COLUMNS), read_csv(true_csv, CROP_COLUMNS)
+    _boxes(pred, str(pred_csv)), _boxes(truth, str(true_csv))  # each file's own line names it
     return score_boxes(pred, truth, {p: _image_size(Path(root) / p) for p in truth["image_path"]})
 
 

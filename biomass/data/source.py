@@ -62,7 +62,8 @@ def _crop_file(cfg: ExperimentConfig, root: Path) -> Path:
     path = root / cfg.data.crops
     if not path.is_file():
         raise DataError(f"{path}: crop boxes file not found; the real data has no boxes: make them with "
-                        f"`python -m biomass.crops detect {root}` (or set image.crop=false)")
+                        f"`python -m biomass.crops detect {root}` (or set image.crop=false; at inference on a "
+                        "read-only data folder, `--out FILE` there and `biomass.infer --crops FILE`)")
     return path
 
 
@@ -71,7 +72,7 @@ def load_train_data(cfg: ExperimentConfig) -> TrainData:
     root = cfg.data.root
     if not root.is_dir():
         raise DataError(f"data.root {root} does not exist (or is not a directory)")
-    table = read_train(root, cfg.data.train_csv)
+    table = read_train(root, cfg.data.train_csv, cfg.data.allow_outside_root)
     sizes = check_images(root, table["image_path"], cfg.data.check_images)
     boxes = read_crops(_crop_file(cfg, root), sizes) if needs_crops(cfg) else {}
     return TrainData(table, ImageSet(root, list(table["image_path"]), sizes, boxes))
@@ -82,7 +83,7 @@ def load_test_images(cfg: ExperimentConfig, root: Path, need_boxes: bool) -> tup
     framed them), a crop box for every test image."""
     if not root.is_dir():
         raise DataError(f"--data {root} does not exist")
-    rows, images = read_test(root, cfg.data.test_csv)
+    rows, images = read_test(root, cfg.data.test_csv, cfg.data.allow_outside_root)
     sizes = check_images(root, images["image_path"], cfg.data.check_images)
     boxes = read_crops(_crop_file(cfg, root), sizes) if need_boxes else {}
     if need_boxes:

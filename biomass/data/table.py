@@ -43,12 +43,34 @@ def _image_id(image_path: str) -> str:
     return Path(image_path).stem
 
 
-def _check_long(df: pd.DataFrame, path: Path) -> None:
-    """Checks shared by train.csv and test.csv: known targets, unique ids, ids matching their rows, 5 per image."""
+def check_inside(root: Path, image_paths: pd.Series, path: Path) -> None:
+    """Every image_path names a file under `root`: not absolute, no `..` and no symlink that leads out of it. A
+    shared or downloaded CSV must not decide which files on the machine a run opens (data.allow_outside_root)."""
+    top = Path(root).resolve()
+    for row, image_path in zip(image_paths.index, image_paths):
+        name = Path(str(image_path))
+        if name.is_absolute():
+            why = "is an absolute path"
+        elif ".." in name.parts:
+            why = "climbs out with '..'"
+        elif not (top / name).resolve().is_relative_to(top):
+            why = f"leads to {(top / name).resolve()} through a symlink"
+        else:
+            continue
+        raise DataError(f"{path}: row {int(row) + 2} has image_path {str(image_path)!r}, which {why}, outside the "
+                        f"data root {top}; keep the images under it, or set data.allow_outside_root=true "
+                        "if you trust this table")
+
+
+def _check_long(df: pd.DataFrame, path: Path, root: Path, allow_outside_root: bool) -> None:
+    """Checks shared by train.csv and test.csv: known targets, unique ids, ids matching their rows, 5 per image,
+    images under the root."""
     for col in ("sample_id", "image_path", "target_name"):
         empty = df[col].isna() | (df[col].astype(str).str.strip() == "")
         if empty.any():
             raise DataError(f"{path}: row {int(np.flatnonzero(empty)[0]) + 2} has an empty {col!r}")
+    if not allow_outside_root:
+        check_inside(root, df["image_path"].reset_index(drop=True).drop_duplicates(), path)
     unknown = ~df["target_name"].isin(TARGETS)
     if unknown.any():
         row = df[unknown].iloc[0]
@@ -71,11 +93,12 @@ def _check_long(df: pd.DataFrame, path: Path) -> None:
                             f"(sample_id {_image_id(image_path) + '__' + lost[0]!r})")
 
 
-def read_train(root: Path, csv_name: str = "train.csv") -> pd.DataFrame:
-    """train.csv -> one row per image: image_id, image_path, Sampling_Date, State, Species, NDVI, Height, 5 targets."""
+def read_train(root: Path, csv_name: str = "train.csv", allow_outside_root: bool = False) -> pd.DataFrame:
+    """train.csv -> one row per image: image_id, image_path, Sampling_Date, State, Species, NDVI, Height, 5 targets.
+    Image paths must stay under `root` unless `allow_outside_root` (check_inside)."""
     path = Path(root) / csv_name
     df = read_csv(path, TRAIN_COLUMNS)
-    _check_long(df, path)
+    _check_long(df, path, Path(root), allow_outside_root)
     for col in (*TABULAR, "target"):
         values = pd.to_numeric(df[col], errors="coerce")
         bad = values.isna() | ~np.isfinite(values.fillna(0.0))
@@ -104,11 +127,13 @@ def read_train(root: Path, csv_name: str = "train.csv") -> pd.DataFrame:
     return table.sort_values("image_path", ignore_index=True)[["image_id", "image_path", *META, *TABULAR, *TARGETS]]
 
 
-def read_test(root: Path, csv_name: str = "test.csv") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """test.csv -> (the long rows as given, one row per image: image_id, image_path) in first-appearance order."""
+def read_test(root: Path, csv_name: str = "test.csv", allow_outside_root: bool = False
+              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """test.csv -> (the long rows as given, one row per image: image_id, image_path) in first-appearance order.
+    Image paths must stay under `root` unless `allow_outside_root` (check_inside)."""
     path = Path(root) / csv_name
     df = read_csv(path, TEST_COLUMNS)
-    _check_long(df, path)
+    _check_long(df, path, Path(root), allow_outside_root)
     images = pd.DataFrame({"image_path": pd.unique(df["image_path"])})
     images.insert(0, "image_id", images["image_path"].map(_image_id))
     return df[list(TEST_COLUMNS)], images

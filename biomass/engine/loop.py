@@ -22,6 +22,7 @@ from biomass.data.images import Reader, draw_seed
 from biomass.data.scalers import Scaler
 from biomass.engine.build import build_stage_model, make_loader, make_optimizer, make_scheduler, maybe_compile, unwrap
 from biomass.engine.checkpoint import load_state, save_checkpoint, save_state
+from biomass.metrics import NotScorable, require_finite
 from biomass.stages import Stage
 
 # Seed streams of one fold: every random draw is a function of (stage seed, fold, stream[, epoch]).
@@ -145,14 +146,17 @@ def validation_loss(loss_fn: torch.nn.Module, raw: np.ndarray, targets_std: np.n
 
 
 def evaluate(accelerator: Accelerator, model, loader, loss_fn, targets_std: np.ndarray, y_true: np.ndarray,
-             scaler: Scaler, stage: Stage, cfg: StageConfig) -> tuple[dict[str, float], np.ndarray]:
-    """Validation loss (standardised space) and the stage's scores (original units) of one epoch's model."""
+             scaler: Scaler, stage: Stage, cfg: StageConfig, who: str = "validation"
+             ) -> tuple[dict[str, float], np.ndarray]:
+    """Validation loss (standardised space) and the stage's scores (original units) of one epoch's model; a
+    non-finite prediction is an error naming `who` (the fold and epoch), never a NaN score."""
     model.eval()
     raw, index = gather_predictions(accelerator, loader, lambda b: model(b["image"], b["tabular"]))
     loss = validation_loss(loss_fn, raw, targets_std[index], cfg.train.val_loss_mean,
                            cfg.train.eval_batch_size or 2 * cfg.train.batch_size)
     pred = scaler.inverse(loss_fn.point(torch.as_tensor(raw)).numpy())
     loss_fn.to(accelerator.device)
+    require_finite(pred, who)
     return {"loss": loss, **stage.score(y_true[index], pred)}, pred
 
 
@@ -223,8 +227,9 @@ def fit_fold(accelerator: Accelerator, *, stage: Stage, cfg: StageConfig, table,
                 p.requires_grad_(not frozen)
         train_loss = train_one_epoch(accelerator, model, train_loader, loss_fn, optimizer, cfg, progress, ema, frozen)
         scored = model if ema is None else ema.module  # with train.ema the EMA weights are evaluated and saved
+        who = f"{ckpt_path.parent}: {stage.name} fold {fold} epoch {epoch} (train/loss {train_loss:.4g}), validation"
         metrics, pred = evaluate(accelerator, scored, val_loader, loss_fn, y_std[val_idx], y_val,
-                                 scalers["targets"], stage, cfg)
+                                 scalers["targets"], stage, cfg, who)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(metrics["loss"])
         else:
@@ -235,7 +240,8 @@ def fit_fold(accelerator: Accelerator, *, stage: Stage, cfg: StageConfig, table,
         if log is not None:
             log(row)
         if not math.isfinite(train_loss):
-            raise FloatingPointError(f"{stage.name} fold {fold}: training loss is {train_loss} at epoch {epoch}")
+            raise NotScorable(f"{ckpt_path.parent}: {stage.name} fold {fold}: training loss is {train_loss} at epoch "
+                              f"{epoch}; the training diverged: lower {stage.name}.optim.lr")
         if improved(metrics, best, cfg.train.select_by):
             best, best_epoch, best_pred, stale = metrics, epoch, pred, 0
             if accelerator.is_main_process:

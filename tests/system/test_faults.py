@@ -172,6 +172,80 @@ def test_resume_of_a_run_without_status_file(trained, tmp_path, capsys):
     one_error_line(code, err, str(run / "run.json"))
 
 
+# ------------------------------------------------------------------------------------ no score on nothing
+DIVERGE = [*TINY[:-1], "tracking.mlflow=false", "aux=null", "main.train.epochs=1", "main.folds.splitter.n_splits=2",
+           "main.optim.lr=1e30"]
+
+
+def test_diverged_training_is_one_line_naming_run_stage_fold(data, tmp_path, capsys):
+    """lr 1e30: the validation predictions go NaN. Before: `completed`, cv/weighted_r2 1.0 over 0 images scored."""
+    run = tmp_path / "run"
+    code, _, err = cli(capsys, "biomass.run", [str(DEMO), f"data.root={data}", *DIVERGE, "--run-dir", str(run)])
+    one_error_line(code, err, f"{run}/main/fold0", "main fold 0", "predictions are not finite")
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    assert not (run / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_sweep_with_a_diverging_variant_ends_1_with_every_table(data, tmp_path):
+    """Before: the sweep stopped after training every child (`oof.csv: has a header but no rows`, exit 2, no
+    tables). Now the child is `failed` with its line and the sweep writes every table, exit 1."""
+    import yaml
+
+    spec = tmp_path / "diverge.yaml"
+    spec.write_text(yaml.safe_dump({"name": "diverge", "claim": "a huge lr does not help", "base": str(DEMO),
+                                    "knobs": ["main.optim.lr"], "variants": {"huge_lr": {"main.optim.lr": 1e30}}}))
+    overrides = [o for o in DIVERGE if not o.startswith("main.optim.lr")]
+    proc = subprocess.run([sys.executable, "-m", "biomass.ablate", str(spec), "--runs-dir", str(tmp_path / "runs"),
+                           f"data.root={data}", *overrides], env=env(), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "runs").iterdir()
+    for name in ("comparison.csv", "comparison.md", "runs.csv", "deltas.png", "summary.json"):
+        assert (sweep / "diverge" / name).is_file(), name
+    assert (sweep / "graveyard.md").is_file()
+    rows = {r["variant"]: r for r in json.loads((sweep / "diverge" / "summary.json").read_text())["rows"]}
+    assert rows["baseline"]["status"] == "completed"
+    assert rows["huge_lr"]["status"].startswith("failed") and "predictions are not finite" in rows["huge_lr"]["status"]
+    assert "main fold 0" in rows["huge_lr"]["status"]
+
+
+@pytest.mark.slow
+def test_diverged_test_time_training_is_one_line(data, tmp_path, capsys):
+    """`infer.ttt.lr` 1e30 in the deployable CV. Before: a FloatingPointError traceback, exit 1."""
+    args = [str(DEMO), f"data.root={data}", *TINY, "main.train.epochs=1", "main.folds.splitter.n_splits=2",
+            "aux.folds.splitter.n_splits=2", "infer.ttt={epochs: 1, lr: 1e30}", "--run-dir", str(tmp_path / "run")]
+    code, _, err = cli(capsys, "biomass.run", args)
+    one_error_line(code, err, "infer.ttt", "main fold 0", "fine-tuning loss is nan", "infer.ttt.lr")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
+
+
+def test_a_completed_child_with_an_empty_oof_costs_its_row_the_ci_not_the_sweep(data, tmp_path, monkeypatch):
+    """A child `completed` whose oof.csv has no rows (an older build, a damaged disk). Before: the sweep stopped at
+    `error: …/oof.csv: has a header but no rows`, exit 2, no tables; now its row says why it has no CI."""
+    import biomass.ablate.sweep as sweep
+    from helpers import FakeExecutor
+
+    class EmptyOof(FakeExecutor):
+        def run(self, jobs, on_done):
+            def done(job, outcome):
+                run_dir = job.folder / "run"
+                if json.loads((run_dir / "fake.json").read_text()).get("variant") == "mse":
+                    (run_dir / "oof.csv").write_text("sample_id,target\n")
+                on_done(job, outcome)
+            super().run(jobs, done)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    monkeypatch.setattr(sweep, "make_executor", lambda *a: EmptyOof(data, {}))
+    assert sweep.run_sweep([REPO / "ablations" / "losses.yaml"], DEMO, [f"data.root={data}", "aux=null"], 1,
+                           tmp_path / "runs") == 0
+    (root,) = (tmp_path / "runs").iterdir()
+    rows = {r["variant"]: r for r in json.loads((root / "losses" / "summary.json").read_text())["rows"]}
+    assert rows["mse"]["ci_lo"] is None and rows["mse"]["ci_note"].startswith("no CI: ") and "no rows" in \
+        rows["mse"]["ci_note"]
+    assert rows["r2"]["ci_lo"] is not None and (root / "graveyard.md").is_file()
+
+
 # ---------------------------------------------------------------------------------------- unwritable places
 def test_unwritable_mlflow_store_is_one_line_before_any_work(data, tmp_path, capsys, monkeypatch):
     """Before: 120 s of MLflow retries, then 181 lines."""

@@ -307,3 +307,20 @@ def test_debug_shows_the_traceback(score_runs: dict[str, Run]) -> None:
     code, stdout, stderr = score_runs["debug"].result()
     assert code == 1
     assert "Traceback" in stderr and "DataError" in stderr and "nowhere.csv" in stderr
+
+
+def test_no_score_on_nothing() -> None:
+    """Zero rows, or a NaN/inf prediction, is an error, never a number (the R² of zero rows used to be 1.0)."""
+    from biomass.metrics import NotScorable, scored_rows
+
+    with pytest.raises(NotScorable, match="no rows"):
+        weighted_r2(np.zeros((0, 5)), np.zeros((0, 5)))
+    with pytest.raises(NotScorable, match="1 of 15 predictions are not finite"):
+        r2_weighted_rows(np.ones(15), np.r_[np.ones(14), np.nan], np.ones(15))
+    pred = np.ones((6, 5))
+    pred[4, 2] = np.inf
+    with pytest.raises(NotScorable, match=r"run: main fold 1: 1 of 3 predictions are not finite"):
+        scored_rows(pred, {0: np.array([0, 2, 3]), 1: np.array([1, 4, 5])}, "run: main")
+    with pytest.raises(NotScorable, match="no fold predicted any image"):
+        scored_rows(pred, {}, "run: main")
+    assert scored_rows(pred, {0: np.array([3, 0])}, "run").tolist() == [0, 3]
