@@ -71,8 +71,8 @@ def fit_predict_probe(experiment: Path, root: Path, overrides: tuple[str, ...] =
 
     cfg = load_experiment(experiment, [f"data.root={root}", *overrides]).config
     root = Path(root)
-    train = read_train(root, cfg.data.train_csv)
-    rows, images = read_test(root, cfg.data.test_csv)
+    train = read_train(root, cfg.data.train_csv, cfg.data.allow_outside_root)
+    rows, images = read_test(root, cfg.data.test_csv, cfg.data.allow_outside_root)
     x = probe_features(cfg, root, list(train["image_path"]))
     xt = probe_features(cfg, root, list(images["image_path"]))
     model = fit_ridge(x, train[list(TARGETS)].to_numpy())
