@@ -6,9 +6,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "experiments" / "demo.yaml"
+GOLD = REPO / "experiments" / "gold.yaml"
 TINY = ["main.image.size=[32,32]", "aux.image.size=[32,32]", "main.train.epochs=2", "aux.train.epochs=1",
         "main.train.batch_size=4", "aux.train.batch_size=4", "data.num_workers=0",
         "main.model.backbone.model_name=resnet10t", "aux.model.backbone.model_name=resnet10t"]
+TINY_MAIN_ONLY = ["main.image.size=[32,32]", "main.train.epochs=3", "main.train.batch_size=4", "data.num_workers=0",
+                  "main.model.backbone.model_name=resnet10t", "aux=null"]
 
 
 def train(run_dir: Path, data: Path, *extra: str) -> Path:

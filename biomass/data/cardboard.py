@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from biomass.data.table import Box, read_csv
 from biomass.errors import ConfigError, DataError
+from biomass.places import write_csv_atomic
 
 WORK_LONG = 512  # long side of the copy the per-line tests run on
 SEED_DEPTH = 0.01  # the outermost strip (share of the image side) whose colour a band must keep
@@ -258,12 +259,7 @@ def write_crops(root: str | Path, out: str | Path | None = None, preview_dir: st
         raise DataError(f"{out}: already exists; pass --force to overwrite it")
     df = detect_crops(root, dataset_images(root), workers=workers)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        df.to_csv(tmp, index=False, lineterminator="\n")
-        os.replace(tmp, out)  # readers see the old file or the whole new one, never a partial file
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_csv_atomic(df, out, index=False, lineterminator="\n")  # readers see the old file or the whole new one
     preview = str(preview_grid(root, df, Path(preview_dir) / "crops_preview.png")) if preview_dir else None
     return {"images": len(df), "bordered": int(_bordered(root, df).sum()), "out": str(out), "preview": preview}
 

@@ -17,9 +17,9 @@ import yaml
 
 from biomass.ablate.__main__ import main
 from biomass.ablate.report import RunResult, summarise
-from biomass.ablate.runner import _error_line, write_config
+from biomass.ablate.runner import _error_line
 from biomass.ablate.spec import BASELINE, in_knobs, load_ablation
-from biomass.config.load import load_experiment
+from biomass.config.load import load_experiment, to_yaml
 from biomass.errors import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,7 +61,8 @@ def test_every_variant_resolves_within_its_knobs(path, base, tmp_path):
         if v.name != BASELINE:
             assert v.changes, f"{v.name} is identical to the baseline"
         # the written config is complete and absolute: biomass.run reads back exactly the same config
-        written = write_config(v.config, v.config.seed + 1, tmp_path / f"{v.name}.yaml")
+        written = tmp_path / f"{v.name}.yaml"  # as the sweep writes a child's config.yaml
+        written.write_text(to_yaml(v.config.model_copy(update={"seed": v.config.seed + 1})))
         again = load_experiment(written).config.dump()
         assert again == {**v.config.dump(), "seed": v.config.seed + 1}
 

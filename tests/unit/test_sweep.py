@@ -20,7 +20,7 @@ import biomass.ablate.sweep as sweep
 from biomass.ablate.__main__ import main
 from biomass.ablate.executors import local_slots, with_port
 from biomass.ablate.spec import load_ablation
-from biomass.ablate.tracking_server import TrackingServer, session_processes
+from biomass.tracking.server import TrackingServer, session_processes
 from biomass.errors import BiomassError, ConfigError, run_cli
 
 LOSSES, LOG_TARGETS = REPO / "ablations" / "losses.yaml", REPO / "ablations" / "log_targets.yaml"
