@@ -284,7 +284,7 @@ class Chain:
             rows = rows[np.argsort([names[r] for r in rows], kind="stable")]
             pseudo = Pseudo(ttt, self.cfg.main, MAIN.seed(self.cfg.seed), reader, rows, chain[rows],
                             None if aux_pred is None else aux_pred[rows])
-            fm.model = finetune(self.accelerator, fm, self.labelled, pseudo)
+            fm.model = finetune(self.accelerator, fm.model, fm.tabular, fm.fold, self.labelled, pseudo)
 
         tuned = self.post(self.predict_stage(MAIN, reader, images, main, aux_pred, adapt))
         return (1.0 - ttt.blend) * chain + ttt.blend * tuned

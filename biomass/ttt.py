@@ -8,8 +8,6 @@ fine-tunes a model in memory; which images it sees and the blend are the chain's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -17,14 +15,12 @@ from accelerate import Accelerator
 from biomass.config.schema import ExperimentConfig, StageConfig, TestTimeTraining
 from biomass.constants import TABULAR, TARGETS
 from biomass.data.images import Reader, draw_seed
+from biomass.data.scalers import Scaler
 from biomass.data.source import TrainData
 from biomass.engine.build import bind_loss, build_loss
 from biomass.engine.loop import FoldTrainer
 from biomass.models.model import BiomassModel
 from biomass.stages import MAIN
-
-if TYPE_CHECKING:
-    from biomass.chain import FoldModel
 
 TTT_STREAM = 5  # the fine-tuning's root seed: draw_seed(stage seed, fold, TTT_STREAM) (engine.loop has 1-4)
 
@@ -53,13 +49,13 @@ def joined(first: Reader, n_first: int, second: Reader, second_rows: np.ndarray)
     return lambda i: first(i) if i < n_first else second(int(second_rows[i - n_first]))
 
 
-def finetune(accelerator: Accelerator, fm: FoldModel, labelled: Labelled, pseudo: Pseudo) -> BiomassModel:
+def finetune(accelerator: Accelerator, model: BiomassModel, tabular_scaler: Scaler | None, fold: int,
+             labelled: Labelled, pseudo: Pseudo) -> BiomassModel:
     """`infer.ttt.epochs` epochs of main-stage training (its augmentation, loss, batch size and frozen prefix) of a
     loaded fold model on its training images and the pseudo-labelled ones, at `infer.ttt.lr`; no validation, no
     selection (the held-out labels are what it is tested on). The fold's `FoldTrainer` does the work, with its
     own root seed. Returns the fine-tuned model, in eval mode."""
     ttt, stage_cfg = pseudo.settings, pseudo.stage_cfg
-    fold, model = fm.fold, fm.model
     train_rows = labelled.rows[fold]
     n = len(labelled.targets)
     reader = joined(labelled.reader, n, pseudo.reader, pseudo.rows)
@@ -67,9 +63,9 @@ def finetune(accelerator: Accelerator, fm: FoldModel, labelled: Labelled, pseudo
     targets = np.concatenate([labelled.targets, pseudo.targets]).astype(np.float64)
     with torch.no_grad():
         y_std = model.target_space.to_standard(torch.as_tensor(targets, dtype=torch.float32)).numpy()
-    if fm.tabular is not None:  # the fold's own scaler: the model keeps the input space it trained in
+    if tabular_scaler is not None:  # the fold's own scaler: the model keeps the input space it trained in
         tab = pseudo.tabular if pseudo.tabular is not None else np.full((len(pseudo.rows), 2), np.nan)
-        x_tab = fm.tabular.transform(np.concatenate([labelled.tabular, tab])).astype(np.float32)
+        x_tab = tabular_scaler.transform(np.concatenate([labelled.tabular, tab])).astype(np.float32)
     else:
         x_tab = np.zeros((len(targets), 0), np.float32)
     tuned = stage_cfg.model_copy(deep=True)

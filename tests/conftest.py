@@ -35,6 +35,12 @@ def tiny_main_only() -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A read-only Kaggle-layout dataset: 12 train + 4 test images of 128x64 (sweeps and ablations train on it)."""
+    return generate(tmp_path_factory.mktemp("tiny") / "data", n_train=12, n_test=4, seed=0, width=128, height=64)
+
+
+@pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A read-only Kaggle-layout dataset: 10 train + 3 test images of 64x32. Copy files before changing them."""
     return generate(tmp_path_factory.mktemp("synthetic") / "data", n_train=10, n_test=3, seed=0, width=64,

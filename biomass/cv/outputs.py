@@ -8,6 +8,7 @@ models that never saw it, framed, TTA'd and post-processed exactly as the test i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np

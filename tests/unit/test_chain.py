@@ -3,26 +3,20 @@ deployable CV is exactly what inference computes (fold k's validation images thr
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
+from helpers import DEMO, REPO
+
 from biomass.chain import ChainSettings, fold_weights, postprocess, views
 from biomass.config.load import load_experiment
-from biomass.constants import TARGETS
 from biomass.cv.outputs import chain_is_leaky
 from biomass.errors import ConfigError
 from biomass.post import project_mass_balance as mass_balance
 from biomass.rundir import RunDir
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "experiments" / "demo.yaml"
-TINY = ["main.image.size=[32,32]", "aux.image.size=[32,32]", "main.train.epochs=2", "aux.train.epochs=1",
-        "main.train.batch_size=4", "aux.train.batch_size=4", "data.num_workers=0", "tracking.mlflow=false"]
 
 
 def test_views_flip_the_right_axes():
@@ -119,3 +113,31 @@ def test_gold_without_crop_boxes_names_the_detector(tmp_path):
     with pytest.raises(DataError, match=f"python -m biomass.crops detect {root}"):
         load_train_data(cfg)
     shutil.rmtree(root)
+
+
+# Every registered post-processing step, run through the chain's postprocess on one row, with what it must give.
+ROW = np.array([[10.0, 4.0, 0.1, 12.0, 30.0]])  # Green, Dead, Clover, GDM, Total: unbalanced on purpose
+POST_EXPECTED = {
+    "mass_balance": ({"name": "mass_balance"}, None),  # checked by its identities below
+    "clover_scale": ({"name": "clover_scale", "factor": 0.5}, [[10.0, 4.0, 0.05, 11.95, 29.95]]),
+    "zero_below": ({"name": "zero_below", "threshold": 0.2}, [[10.0, 4.0, 0.0, 12.0, 30.0]]),
+    "blend_sums": ({"name": "blend_sums", "weight": 0.5}, [[10.0, 4.0, 0.1, 11.05, 22.05]]),
+}
+
+
+def test_every_post_step_is_checked():
+    from biomass.registry import POSTS
+
+    assert set(POST_EXPECTED) == set(POSTS.names())
+
+
+@pytest.mark.parametrize("name", sorted(POST_EXPECTED))
+def test_each_post_step_runs_in_the_chain(name):
+    node, expected = POST_EXPECTED[name]
+    out = postprocess(ROW.copy(), ChainSettings("none", ("none",), clip=False, post=(node,)))
+    if expected is None:  # mass balance: GDM = Green + Clover, Total = Green + Dead + Clover, and it moved
+        green, dead, clover, gdm, total = out[0]
+        assert gdm == pytest.approx(green + clover) and total == pytest.approx(green + dead + clover)
+        assert not np.allclose(out, ROW)
+    else:
+        np.testing.assert_allclose(out, expected, rtol=1e-12)

@@ -12,14 +12,12 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import DEMO, GOLD, REPO
+
 from biomass.config.load import deep_merge, load_experiment, parse_overrides, to_yaml, validate
 from biomass.errors import ConfigError, run_cli
 from biomass.run import main as run_main
 
-REPO = Path(__file__).resolve().parents[2]
-EXPERIMENTS = REPO / "experiments"
-GOLD = EXPERIMENTS / "gold.yaml"
-DEMO = EXPERIMENTS / "demo.yaml"
 
 
 def _write(path: Path, text: str) -> Path:
@@ -29,7 +27,8 @@ def _write(path: Path, text: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- the shipped files
-@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").rglob("*.yaml")),  # recipes/ too
+                         ids=lambda p: str(p.relative_to(REPO / "experiments")))
 def test_every_experiment_resolves(path: Path) -> None:
     exp = load_experiment(path)
     cfg = exp.config
@@ -142,7 +141,7 @@ def test_base_chain_three_levels(tmp_path: Path) -> None:
     assert cfg.main.augment.train == [{"name": "VerticalFlip", "p": 0.5}]  # the list replaced whole
     assert cfg.data.root == tmp_path / "one" / "data_a"  # relative to a.yaml, the file that says it
     assert cfg.main.model.backbone["weights"] == str(
-        EXPERIMENTS.parent / "weights/vit_huge_plus_patch16_dinov3.lvd1689m/pytorch_model.bin")  # from gold's folder
+        REPO / "weights/vit_huge_plus_patch16_dinov3.lvd1689m/pytorch_model.bin")  # from gold's folder
     assert cfg.aux is not None and cfg.aux.train.epochs == 25
 
 
