@@ -10,6 +10,7 @@ from biomass.ablate.report import RunResult
 from biomass.ablate.spec import ORACLE, Ablation
 from biomass.errors import ConfigError
 from biomass.places import read_json_or
+from biomass.rundir import METRICS, STATUS
 
 # ---------------------------------------------------------------------------------------------------------- running
 def child_command(config_file: Path, run_dir: Path, launch_args: list[str], parent_run_id: str | None,
@@ -50,9 +51,9 @@ def read_result(result: RunResult, exit_code: int | None, folder: Path) -> RunRe
     result.exit_code = exit_code
     err_path = folder / "child.err"
     stderr = err_path.read_text(errors="replace") if err_path.is_file() else ""
-    status = read_json_or(result.run_dir / "run.json", {})
+    status = read_json_or(result.run_dir / STATUS, {})
     result.mlflow_run_id = status.get("mlflow_run_id")
-    metrics = read_json_or(result.run_dir / "metrics.json", {})
+    metrics = read_json_or(result.run_dir / METRICS, {})
     if exit_code == 0 and status.get("status") == "completed" and ORACLE in metrics:
         result.status, result.metrics, result.error = "completed", metrics, None
     else:

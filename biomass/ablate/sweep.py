@@ -33,7 +33,7 @@ from biomass.config.load import Experiment, to_yaml
 from biomass.config.schema import ExperimentConfig
 from biomass.errors import BiomassError, ConfigError, sigterm_interrupts
 from biomass.places import read_json_or, require_writable, write_json
-from biomass.rundir import stamped_dir
+from biomass.rundir import CONFIG, METRICS, STATUS, stamped_dir
 from biomass.tracking import check_store, tracking_uri
 from biomass.tracking.runs import SweepRuns
 from biomass.tracking.server import UI_PORT, is_http
@@ -104,11 +104,11 @@ def plan(ablations: list[Ablation], seeds: int, experiment: str, sweep_dir: Path
 
 def child_state(child: Child) -> str:
     """completed | interrupted (resume it) | failed | new, from its run directory alone."""
-    status = read_json_or(child.run_dir / "run.json") or {}
-    metrics = read_json_or(child.run_dir / "metrics.json") or {}
+    status = read_json_or(child.run_dir / STATUS, {})
+    metrics = read_json_or(child.run_dir / METRICS, {})
     if status.get("status") == "completed" and ORACLE in metrics:
         return "completed"
-    if status.get("status") in ("running", "killed") and (child.run_dir / "config.yaml").is_file():
+    if status.get("status") in ("running", "killed") and (child.run_dir / CONFIG).is_file():
         return "interrupted"
     return "failed" if status.get("status") == "failed" else "new"
 

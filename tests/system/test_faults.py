@@ -81,7 +81,7 @@ def infer_args(run: Path, data: Path, out: Path) -> list[str]:
 # ------------------------------------------------------------------------------------- the happy path, layouts
 @pytest.mark.slow
 def test_differing_layouts_make_a_submission(trained, data, tmp_path, capsys):
-    """main halves, aux whole: the chain reads each stage's images its own way (biomass.chain.stage_reader)."""
+    """main halves, aux whole: the chain reads each stage's images its own way (biomass.chain.Chain.reader)."""
     code, out, err = cli(capsys, "biomass.infer", infer_args(trained, data, tmp_path / "s.csv"))
     assert code == 0, err
     import pandas as pd
@@ -312,6 +312,9 @@ def test_training_killed_at_a_random_point_resumes(trained, data, tmp_path, sig,
         assert got[key] == want[key], key
     for name in ("oof.csv", "aux_oof.csv", "oof_deployable.csv"):
         assert (run / name).read_bytes() == (trained / name).read_bytes(), name
+    for done in sorted(trained.glob("*/fold*/done.json")):  # every epoch's numbers, not only the best epoch's
+        again = run / done.relative_to(trained)
+        assert json.loads(again.read_text())["history"] == json.loads(done.read_text())["history"], again
     assert not (run / "state").exists() or not any((run / "state").rglob("*.json"))
 
 

@@ -63,6 +63,9 @@ def test_sigkill_mid_fold_then_resume_matches_uninterrupted(tmp_path, data):
         assert a[key] == b[key], key
     for name in ("oof.csv", "aux_oof.csv", "oof_deployable.csv"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "killed" / name).read_bytes(), name
+    for done in sorted((tmp_path / "whole").glob("*/fold*/done.json")):  # every epoch's numbers
+        again = tmp_path / "killed" / done.relative_to(tmp_path / "whole")
+        assert json.loads(again.read_text())["history"] == json.loads(done.read_text())["history"], again
     assert json.loads((tmp_path / "killed" / "run.json").read_text())["status"] == "completed"
     assert not (tmp_path / "killed" / "state").exists() or not any((tmp_path / "killed" / "state").rglob("*.json"))
 

@@ -1,4 +1,4 @@
-"""biomass.losses and biomass.schedulers: every registered loss and scheduler, each checked against its own formula or shape."""
+"""biomass.losses and biomass.schedulers: every registered loss and scheduler against its own formula or shape."""
 from __future__ import annotations
 
 import math

@@ -31,7 +31,7 @@ def main_stage(*overrides: str, size=(32, 32)):
 
 
 def fitted(model, n=40, seed=0):
-    """Fit the model's target space on random grams, as fit_fold does."""
+    """Fit the model's target space on random grams, as FoldTrainer.fit does."""
     rng = np.random.default_rng(seed)
     y = np.abs(rng.normal(20, 10, size=(n, 5)))
     y[:, 3] = y[:, 0] + y[:, 2]
