@@ -386,17 +386,19 @@ def test_check_batches_refuses_a_last_batch_of_one_image(n_train, drop_last, ref
     last training batch holds 1 image is one error naming the fold, its size and both ways out."""
     import numpy as np
 
-    from biomass.preflight import check_batches
+    from biomass.preflight import check_batches, check_models
     from biomass.stages import MAIN
 
     cfg = load_experiment(DEMO, [f"data.root={tmp_path}", "main.train.batch_size=4",
                                  f"main.train.drop_last={str(drop_last).lower()}"]).config
+    facts = check_models(cfg)  # the meta-device build, once: its answers go to check_batches
+    assert facts[MAIN].batchnorm_head
     ids = np.array([0] * 3 + [1] * n_train)  # fold 0 trains on the n_train images of fold 1
     if not refused:
-        check_batches(cfg, {MAIN: ids})
+        check_batches(cfg, {MAIN: ids}, facts)
         return
     with pytest.raises(ConfigError) as err:
-        check_batches(cfg, {MAIN: ids})
+        check_batches(cfg, {MAIN: ids}, facts)
     msg = str(err.value)
     assert f"fold 0 has {n_train} training images" in msg
     assert "main.train.drop_last=true" in msg and "main.train.batch_size" in msg
