@@ -53,8 +53,7 @@ def test_readme_states_the_tolerances_tested():
 @pytest.mark.slow
 def test_bf16_estimate_matches_cpu_measurement():
     """bf16 under CPU autocast: within TOLERANCE_BF16, as README.md states (oneDNN's bf16 convolution scratch,
-    invisible to the simulation, makes
-    the CPU measurement ~10 % higher at this tiny size)."""
+    invisible to the simulation, makes the CPU measurement ~10 % higher at this tiny size)."""
     stage = demo_stage(96).main
     est = memory.stage_memory("main", stage, "bf16", False, batch=16, target="cpu")
     assert abs(est["train_peak"] / memory.measure_peak_cpu("main", stage, 16, "bf16") - 1) < TOLERANCE_BF16
