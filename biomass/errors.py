@@ -1,9 +1,12 @@
 """User-facing errors and the one CLI wrapper that turns them into a single line and a non-zero exit."""
 from __future__ import annotations
 
+import contextlib
 import difflib
+import signal
 import sys
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 
 
 class BiomassError(Exception):
@@ -43,3 +46,22 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within: SIGTERM (pre-emption, `kill`) ends the work as Ctrl-C does, with a KeyboardInterrupt, so a run ends
+    KILLED and resumable and a sweep stops its children and its server. The previous handler comes back after; off
+    the main thread (where Python takes no signal handlers) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,4 +1,5 @@
-"""Output locations: each is checked for writability before any work starts, and files are written atomically.
+"""Output locations and files: each place is checked for writability before any work starts; every file is written
+atomically (`atomic`, the one home of that rename) and JSON is read through one checked reader.
 
 `require_writable` is the one check every entry point runs on where it will write (a run directory, the image
 cache, a submission file, an ablation's runs folder, the synthetic data folder, the MLflow SQLite store), so that a
@@ -6,9 +7,13 @@ read-only or impossible place is one `error:` line naming it, not a traceback af
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -45,29 +50,57 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name in the same folder, then rename: a kill leaves the old file or the new one."""
+@contextlib.contextmanager
+def atomic(path: Path | str) -> Iterator[Path]:
+    """The one way biomass writes a file: the caller writes the yielded temporary name in the same folder, which is
+    then renamed to `path`, so a kill leaves the old file or the new one, never half of one."""
+    path = Path(path)
     tmp = _tmp_name(path)
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = _tmp_name(path)
-    try:
+    with atomic(path) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_csv_atomic(df: pd.DataFrame, path: Path, **kwargs) -> None:
-    tmp = _tmp_name(path)
-    try:
+    with atomic(path) as tmp:
         df.to_csv(tmp, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: Any, indent: int | None = 2) -> None:
+    write_text_atomic(path, json.dumps(data, indent=indent, default=float))
+
+
+def read_json(path: Path, what: str = "file", fix: str = "retrain or restore it") -> dict[str, Any]:
+    """A JSON object from `path`; a missing, truncated or foreign file is one error naming it and `fix`."""
+    path = Path(path)
+    if not path.is_file():
+        raise BiomassError(f"{path}: {what} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BiomassError(f"{path}: {what} is not valid JSON (truncated or corrupt: {err}); {fix}") from None
+    if not isinstance(data, dict):
+        raise BiomassError(f"{path}: {what} is not a JSON object; it was not written by biomass")
+    return data
+
+
+def read_json_or(path: Path, default: Any = None) -> Any:
+    """The JSON in `path`, or `default` when it is missing, unreadable or (with a default) not of the default's
+    type: for files a caller polls while another process may still be writing them (a child's run.json)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+    return default if default is not None and not isinstance(data, type(default)) else data

@@ -1,6 +1,7 @@
 """What `biomass.run --dry-run` checks: the config, the models (on the meta device) and the data, training nothing."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,20 +22,29 @@ def _first_line(err: BaseException) -> str:
     return " ".join(str(err).split())[:300] or type(err).__name__
 
 
-def check_models(cfg: ExperimentConfig, num_processes: int = 1) -> list[str]:
-    """Build every stage's model on the meta device (no memory, no initialisation), match each backbone weights
-    file by tensor names and shapes (from the file's header or a memory-mapped load: no tensor is read), and run
-    one training-mode forward pass of a batch at the configured size (`check_forward`), so that an unknown timm
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the meta-device build of a stage's model tells the rest of the run, so nobody builds it again."""
+
+    batchnorm_head: bool  # a batch of one image cannot train (check_batches)
+    reads_tabular: bool  # the head reads NDVI/Height (the deployable chain then needs an aux stage)
+
+
+def check_models(cfg: ExperimentConfig, num_processes: int = 1) -> dict[Stage, ModelFacts]:
+    """Build every stage's model on the meta device once (no memory, no initialisation), match each backbone
+    weights file by tensor names and shapes (from the file's header or a memory-mapped load: no tensor is read), and
+    run one training-mode forward pass of a batch at the configured size (`check_forward`), so that an unknown timm
     model, `model_kwargs` the model does not take, a component that does not fit its backbone, an image size the
     model cannot take, a weights file that is not there or one for another model (naming the first key that does
-    not fit) is one error naming the key before any training step. Called by `--dry-run` and by training before its
-    first fold."""
+    not fit) is one error naming the key before any training step. Any failure to build is an error: `--dry-run`
+    is strict. Called by `--dry-run` and by training before its first fold; returns each stage's `ModelFacts`."""
     import torch
 
+    from biomass.chain import uses_tabular
     from biomass.engine.build import build_stage_model
     from biomass.weights import load_into, weights_file
 
-    notes = []
+    facts = {}
     for stage in configured(cfg):
         stage_cfg = stage.config(cfg)
         bb = stage_cfg.model.backbone
@@ -45,9 +55,6 @@ def check_models(cfg: ExperimentConfig, num_processes: int = 1) -> list[str]:
             except ConfigError:
                 raise
             except Exception as err:  # noqa: BLE001 - timm or a builder refused the arguments
-                if "meta" in str(err).lower():  # a model that cannot be built on the meta device at all
-                    notes.append(f"{stage.name}: model not checked on the meta device ({_first_line(err)})")
-                    continue
                 hint = f"; check {stage.name}.model.backbone.model_kwargs" if bb.get("model_kwargs") else ""
                 raise ConfigError(f"{stage.name}.model: the model cannot be built ({_first_line(err)}){hint}") \
                     from None
@@ -69,13 +76,15 @@ def check_models(cfg: ExperimentConfig, num_processes: int = 1) -> list[str]:
             prefixed = msg.startswith((f"{stage.name}.", f"{stage.name} stage", f"{stage.name}:"))
             raise ConfigError(msg if prefixed else f"{stage.name}.{msg}" if msg.startswith("model.")
                               else f"{stage.name} stage: {msg}") from None
-    return notes
+        facts[stage] = ModelFacts(head_has_batchnorm(model), uses_tabular(model))
+    return facts
 
 
 def check_forward(stage: Stage, stage_cfg: StageConfig, model, num_processes: int = 1) -> None:
     """One training-mode forward pass of a per-process training batch on the meta device (shapes only, no memory):
     an image size a ViT cannot take (not a multiple of its patch), a head that does not fit, or a batch too small
-    for BatchNorm shows here, before training."""
+    for BatchNorm shows here, before training. Only an operation the meta device has no kernel for
+    (NotImplementedError) is left to training, which runs it for real."""
     import torch
 
     batch = max(1, stage_cfg.train.batch_size // num_processes)
@@ -91,27 +100,23 @@ def check_forward(stage: Stage, stage_cfg: StageConfig, model, num_processes: in
         tabular = torch.zeros((batch, len(stage.inputs)), device="meta")
         model.train()
         model(image, tabular)
-    except Exception as err:  # noqa: BLE001 - any failure of the forward pass is the config's ...
-        if isinstance(err, NotImplementedError) or "meta" in str(err).lower():
-            return  # ... except an operation the meta device lacks: training runs it for real
+    except NotImplementedError:
+        return
+    except Exception as err:  # noqa: BLE001 - any other failure of the forward pass is the config's
         raise ConfigError(f"{stage.name}.image.size={[h, w]}: a forward pass of a batch of {batch} at this size "
                           f"fails in the {stage_cfg.model.backbone.get('model_name', '')} model "
                           f"({_first_line(err)})") from None
 
 
-def check_batches(cfg: ExperimentConfig, fold_ids: dict[Stage, np.ndarray], num_processes: int = 1) -> None:
+def check_batches(cfg: ExperimentConfig, fold_ids: dict[Stage, np.ndarray], facts: dict[Stage, ModelFacts],
+                  num_processes: int = 1) -> None:
     """With the folds known (training start): no fold's last training batch holds a single image when the head has
-    BatchNorm (drop_last false, or a fold with no more images than one batch)."""
-    import torch
-
-    from biomass.engine.build import build_stage_model
+    BatchNorm (drop_last false, or a fold with no more images than one batch). `facts`: check_models' answers."""
     from biomass.rundir import folds_to_train
 
     for stage, ids in fold_ids.items():
         stage_cfg = stage.config(cfg)
-        with torch.device("meta"):
-            model, _ = build_stage_model(stage, stage_cfg, load_weights=False)
-        if not head_has_batchnorm(model):
+        if not facts[stage].batchnorm_head:
             continue
         batch = stage_cfg.train.batch_size // max(1, num_processes)
         for k in folds_to_train(stage_cfg, ids):
@@ -143,6 +148,18 @@ def check_outputs(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bo
         check_store(tracking_uri())
 
 
+def check_inputs(cfg: ExperimentConfig, root_from_cli: bool) -> None:
+    """What would make a run fail at its first step, without building anything: a missing data root (unless the
+    demo data is generated there; never into a root given on the command line) or backbone weights file. Run by
+    `--dry-run` and by a sweep for each of its variants."""
+    if not cfg.data.root.is_dir() and (cfg.data.demo is None or root_from_cli):
+        raise ConfigError(f"data.root: {cfg.data.root} does not exist (or is not a directory)")
+    for stage in configured(cfg):
+        weights = stage.config(cfg).model.backbone.get("weights")
+        if weights and not weights_file(weights).is_file():
+            raise ConfigError(f"{stage.name}.model.backbone.weights: {weights} not found")
+
+
 def dry_run(exp: Experiment) -> str:
     """The resolved config, then one `#` line per check: models, weights files, data."""
     from biomass.data.source import load_train_data
@@ -150,9 +167,9 @@ def dry_run(exp: Experiment) -> str:
     cfg = exp.config
     check_outputs(cfg, run_folder=False)
     lines = [to_yaml(cfg).rstrip("\n")]
-    lines += [f"# {note}" for note in check_models(cfg)]
-    if not cfg.data.root.is_dir() and (cfg.data.demo is None or exp.from_cli("data.root")):
-        raise ConfigError(f"data.root: {cfg.data.root} does not exist (or is not a directory)")
+    check_inputs(cfg, exp.from_cli("data.root"))
+    facts = check_models(cfg)
+    lines += [f"# {stage.name}: model built on the meta device and a forward pass checked" for stage in facts]
     if cfg.data.root.is_dir():
         data = load_train_data(cfg)
         boxes = len(data.images.boxes)

@@ -17,9 +17,8 @@ import numpy as np
 import pandas as pd
 
 from biomass.config.schema import ExperimentConfig, StageConfig
-from biomass.engine.checkpoint import read_json, write_json
 from biomass.errors import BiomassError, ConfigError
-from biomass.places import require_writable, write_csv_atomic, write_text_atomic
+from biomass.places import read_json, require_writable, write_csv_atomic, write_json, write_text_atomic
 from biomass.stages import Stage
 
 FORMAT_VERSION = 1  # of the run directory's layout and files; biomass.infer reads only this version

@@ -31,6 +31,12 @@ class Stage:
         """This stage's config section (None: the experiment has no such stage)."""
         return getattr(cfg, self.name)
 
+    def crops(self, cfg: ExperimentConfig, training: bool) -> bool:
+        """Whether this stage's images are cropped to their boxes: in training as its `image.crop` says; in the
+        chain (`training=False`) only when `infer.crop: boxes` frames each stage as it trained, too."""
+        stage_cfg = self.config(cfg)
+        return stage_cfg is not None and stage_cfg.image.crop and (training or cfg.infer.crop == "boxes")
+
     def seed(self, run_seed: int) -> int:
         return run_seed * 100 + self.seed_offset
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from biomass.chain import every_fold, fold_weights, needs_boxes, run_chain
+from biomass.chain import Assignment, Chain, fold_weights, needs_boxes, require_finite
 from biomass.constants import TARGETS
 from biomass.data.source import load_test_images, load_train_data
 from biomass.errors import BiomassError
@@ -45,11 +44,11 @@ def write_submission(run_dir: Path, data_dir: Path, out: Path, batch_size: int |
     if cfg.data.cache_dir is not None:
         require_writable(cfg.data.cache_dir, "data.cache_dir (from the run's config.yaml)")
     rows, images = load_test_images(cfg, Path(data_dir), needs_boxes(cfg))
-    main_folds = main_folds if main_folds is not None else run.trained_folds(MAIN, cfg.main)
-    aux_folds = aux_folds if aux_folds is not None else (run.trained_folds(AUX, cfg.aux) if cfg.aux else [])
-    weights = fold_weights(cfg, run, main_folds) if len(main_folds) == len(run.trained_folds(MAIN, cfg.main)) \
-        else {k: 1.0 / len(main_folds) for k in main_folds}
-
+    all_main = run.trained_folds(MAIN, cfg.main)
+    main_folds = main_folds if main_folds is not None else all_main
+    aux_folds = aux_folds if aux_folds is not None else (run.trained_folds(AUX, cfg.aux) if cfg.aux else None)
+    weights = (fold_weights(cfg, run, main_folds) if len(main_folds) == len(all_main)
+               else {k: 1.0 / len(main_folds) for k in main_folds})
     labelled = None
     if cfg.infer.ttt is not None:  # test-time training re-reads the run's training images from the same data root
         data = load_train_data(cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": Path(data_dir)})}))
@@ -59,26 +58,21 @@ def write_submission(run_dir: Path, data_dir: Path, out: Path, batch_size: int |
     start = time.time()
     with Progress(progress_enabled() and accelerator.is_main_process) as progress:
         n_ttt = len(main_folds) if cfg.infer.ttt is not None else 0
-        task = progress.task("fold models", len(main_folds) + len(aux_folds) + n_ttt)
-        pred, _ = run_chain(accelerator, run, cfg, images, every_fold(aux_folds, len(images)) if cfg.aux else None,
-                            every_fold(main_folds, len(images)), weights, in_memory=True, batch_size=batch_size,
-                            progress=lambda: progress.advance(task), check_finite=True, labelled=labelled)
+        task = progress.task("fold models", len(main_folds) + len(aux_folds or []) + n_ttt)
+        chain = Chain(accelerator, run, cfg, weights, batch_size, in_memory=True, check_finite=True,
+                      labelled=labelled, tick=lambda: progress.advance(task))
+        pred, _ = chain.predict(images, Assignment.every_fold(main_folds, aux_folds, len(images)))
     seconds = time.time() - start
-    if not np.isfinite(pred).all():
-        bad = int(np.flatnonzero(~np.isfinite(pred).all(axis=1))[0])
-        raise BiomassError(f"inference produced a non-finite prediction for test image {images.image_paths[bad]!r}; "
-                           "no submission written (check the run's fold checkpoints and infer settings)")
+    require_finite(pred, "inference", images.image_paths, " after post-processing")
     by_image = dict(zip(images.image_paths, pred))
     col = {t: j for j, t in enumerate(TARGETS)}
     submission = pd.DataFrame({"sample_id": rows["sample_id"].to_numpy(),
                                "target": [by_image[p][col[t]] for p, t in zip(rows["image_path"],
                                                                                rows["target_name"])]})
-    if not np.isfinite(submission["target"].to_numpy(np.float64)).all() or submission["sample_id"].isna().any():
-        raise BiomassError("the submission would hold an empty or non-finite value; no submission written")
     if accelerator.is_main_process:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_csv_atomic(submission, out, index=False, float_format="%.6f")
-        n_models = len(main_folds) * len(cfg.infer.tta) + len(aux_folds)
+        n_models = len(main_folds) * len(cfg.infer.tta) + len(aux_folds or [])
         accelerator.print(f"{len(images)} images x {n_models} model passes in {seconds:.1f} s "
                           f"({len(images) / max(seconds, 1e-9):.2f} images/s on {accelerator.num_processes} "
                           f"process(es)) -> {out}")

@@ -1,31 +1,29 @@
 """Test-time training (`infer.ttt`, the 8th place's third stage): fine-tune a finished main fold model on its own
 training images plus pseudo-labelled images (the chain's predictions for them), then predict those images again.
 
-`biomass.chain.run_chain` runs it after the chain and blends, for test images at inference and for each fold's
+`biomass.chain.Chain` runs it after the chain and blends, for test images at inference and for each fold's
 held-out images in the deployable CV alike, so the CV measures the effect rather than assuming it. This module only
 fine-tunes a model in memory; which images it sees and the blend are the chain's.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 import numpy as np
 import torch
 from accelerate import Accelerator
 
-from biomass.config.schema import ExperimentConfig
+from biomass.config.schema import ExperimentConfig, StageConfig, TestTimeTraining
 from biomass.constants import TABULAR, TARGETS
 from biomass.data.images import Reader, draw_seed
 from biomass.data.scalers import Scaler
 from biomass.data.source import TrainData
-from biomass.engine.build import make_loader, make_optimizer, unwrap
-from biomass.engine.loop import train_one_epoch
+from biomass.engine.build import bind_loss, build_loss
+from biomass.engine.loop import FoldTrainer
 from biomass.metrics import NotScorable
 from biomass.models.model import BiomassModel
-from biomass.registry import LOSSES
 from biomass.stages import MAIN
 
-TTT_STREAM = 5  # the fine-tuning's data order and augmentation (after engine.loop's streams 1-4)
+TTT_STREAM = 5  # the fine-tuning's root seed: draw_seed(stage seed, fold, TTT_STREAM) (engine.loop has 1-4)
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ def labelled_from(cfg: ExperimentConfig, data: TrainData, main_fold_ids: np.ndar
     """The training table as `Labelled`: main fold k trained on the rows whose fold is neither k nor -1 (an image
     the run did not train on)."""
     ids = np.asarray(main_fold_ids)
-    return Labelled(data.stage_reader(cfg.main, cfg.data.cache_dir),
+    return Labelled(data.images.stage_reader(cfg, MAIN, training=True),
                     data.table[list(TABULAR)].to_numpy(np.float64), data.table[list(TARGETS)].to_numpy(np.float64),
                     {k: np.flatnonzero((ids != k) & (ids >= 0)) for k in folds})
 
@@ -52,45 +50,52 @@ def joined(first: Reader, n_first: int, second: Reader, second_rows: np.ndarray)
     return lambda i: first(i) if i < n_first else second(int(second_rows[i - n_first]))
 
 
-def finetune(accelerator: Accelerator, cfg: ExperimentConfig, model: BiomassModel, tabular_scaler: Scaler | None,
-             fold: int, labelled: Labelled, pseudo_reader: Reader, pseudo_rows: np.ndarray,
-             pseudo_tabular: np.ndarray | None, pseudo_targets: np.ndarray) -> BiomassModel:
+def finetune(accelerator: Accelerator, model: BiomassModel, tabular_scaler: Scaler | None, fold: int,
+             labelled: Labelled, pseudo: Pseudo) -> BiomassModel:
     """`infer.ttt.epochs` epochs of main-stage training (its augmentation, loss, batch size and frozen prefix) of a
     loaded fold model on its training images and the pseudo-labelled ones, at `infer.ttt.lr`; no validation, no
-    selection (the held-out labels are what it is tested on). Returns the fine-tuned model, in eval mode."""
-    ttt, stage_cfg = cfg.infer.ttt, cfg.main
+    selection (the held-out labels are what it is tested on). The fold's `FoldTrainer` does the work, with its
+    own root seed. Returns the fine-tuned model, in eval mode."""
+    ttt, stage_cfg = pseudo.settings, pseudo.stage_cfg
     train_rows = labelled.rows[fold]
     n = len(labelled.targets)
-    reader = joined(labelled.reader, n, pseudo_reader, pseudo_rows)
-    index = np.concatenate([train_rows, n + np.arange(len(pseudo_rows))])
-    targets = np.concatenate([labelled.targets, pseudo_targets]).astype(np.float64)
+    reader = joined(labelled.reader, n, pseudo.reader, pseudo.rows)
+    index = np.concatenate([train_rows, n + np.arange(len(pseudo.rows))])
+    targets = np.concatenate([labelled.targets, pseudo.targets]).astype(np.float64)
     with torch.no_grad():
         y_std = model.target_space.to_standard(torch.as_tensor(targets, dtype=torch.float32)).numpy()
     if tabular_scaler is not None:  # the fold's own scaler: the model keeps the input space it trained in
-        pseudo = pseudo_tabular if pseudo_tabular is not None else np.full((len(pseudo_rows), 2), np.nan)
-        x_tab = tabular_scaler.transform(np.concatenate([labelled.tabular, pseudo])).astype(np.float32)
+        tab = pseudo.tabular if pseudo.tabular is not None else np.full((len(pseudo.rows), 2), np.nan)
+        x_tab = tabular_scaler.transform(np.concatenate([labelled.tabular, tab])).astype(np.float32)
     else:
         x_tab = np.zeros((len(targets), 0), np.float32)
-    loss_fn = LOSSES.build_node(stage_cfg.loss, len(MAIN.targets))
-    if hasattr(loss_fn, "bind"):  # interval bins: the fold's, carried by its target space
-        loss_fn.bind(model.target_space)
     tuned = stage_cfg.model_copy(deep=True)
     tuned.optim = {**stage_cfg.optim, "lr": ttt.lr if ttt.lr is not None else stage_cfg.optim["lr"] / 10}
-    seed = draw_seed(MAIN.seed(cfg.seed), fold, TTT_STREAM)
-    loader = make_loader(reader, index, x_tab, y_std, tuned, seed, True, 0, accelerator.num_processes)
-    model = model.float().train()
-    optimizer = make_optimizer(model, tuned, accelerator.device)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    loss_fn.to(accelerator.device)
+    trainer = FoldTrainer(accelerator, MAIN, tuned, fold, draw_seed(pseudo.stage_seed, fold, TTT_STREAM))
+    loss_fn = build_loss(MAIN, tuned)
+    bind_loss(loss_fn, model.target_space)  # interval bins: the fold's, carried by its target space
+    trainer.setup(model.float(), loss_fn, trainer.loader(reader, index, x_tab, y_std, True), fine_tune=True)
     for epoch in range(ttt.epochs):
-        torch.manual_seed(draw_seed(seed, fold, TTT_STREAM, epoch))
-        loader.set_epoch(epoch)
-        loss = train_one_epoch(accelerator, model, loader, loss_fn, optimizer, tuned)
-        if not np.isfinite(loss):
-            raise NotScorable(f"infer.ttt: main fold {fold}'s fine-tuning loss is {loss} at epoch {epoch}; "
-                              "lower infer.ttt.lr")
-    del optimizer, loader
-    return unwrap(accelerator, model).eval()
+        try:
+            trainer.train_epoch(epoch)
+        except NotScorable:
+            raise NotScorable(f"infer.ttt: main fold {fold}'s fine-tuning loss is nan or inf at epoch {epoch}; "
+                              "lower infer.ttt.lr") from None
+    return trainer.plain_model.eval()
 
 
-__all__ = ["Labelled", "TTT_STREAM", "finetune", "joined", "labelled_from"]
+@dataclass(frozen=True)
+class Pseudo:
+    """The pseudo-labelled half of one fold's fine-tuning: its rows of the image set, their reader, the chain's
+    predictions for them (`targets`, grams) and NDVI/Height from the aux stage (`tabular`, or None)."""
+
+    settings: TestTimeTraining
+    stage_cfg: StageConfig
+    stage_seed: int
+    reader: Reader
+    rows: np.ndarray
+    targets: np.ndarray
+    tabular: np.ndarray | None
+
+
+__all__ = ["Labelled", "Pseudo", "TTT_STREAM", "finetune", "joined", "labelled_from"]

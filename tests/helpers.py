@@ -6,9 +6,59 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "experiments" / "demo.yaml"
+GOLD = REPO / "experiments" / "gold.yaml"
 TINY = ["main.image.size=[32,32]", "aux.image.size=[32,32]", "main.train.epochs=2", "aux.train.epochs=1",
         "main.train.batch_size=4", "aux.train.batch_size=4", "data.num_workers=0",
         "main.model.backbone.model_name=resnet10t", "aux.model.backbone.model_name=resnet10t"]
+TINY_MAIN_ONLY = ["main.image.size=[32,32]", "main.train.epochs=3", "main.train.batch_size=4", "data.num_workers=0",
+                  "main.model.backbone.model_name=resnet10t", "aux=null"]
+
+
+def only_folder(root: Path) -> Path:
+    """The one folder in `root` (a sweep's stamped directory)."""
+    (path,) = root.iterdir()
+    return path
+
+
+def npy_files(cache_dir: Path) -> list[Path]:
+    """The decoded-image cache files in a folder."""
+    return sorted(cache_dir.glob("*.npy"))
+
+
+def eager_compile(monkeypatch) -> list:
+    """torch.compile with the `eager` backend (dynamo's graph capture and the OptimizedModule wrapper, without
+    inductor's minutes of C++ compilation on a CPU); returns the list of compiled modules."""
+    import torch
+
+    compiled, real = [], torch.compile
+
+    def fake(model, **kwargs):
+        compiled.append(model)
+        return real(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", fake)
+    return compiled
+
+
+def write_jpeg(path: Path, rgb, quality: int = 95) -> Path:
+    """An RGB uint8 array as a JPEG at `path`."""
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    path.write_bytes(buf.tobytes())
+    return path
+
+
+def smooth_rgb(h: int, w: int, seed: int = 0):
+    """A photo-like image: low-frequency colour fields plus mild pixel noise."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, size=(h // 16 + 1, w // 16 + 1, 3)).astype(np.float32)
+    img = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC) + rng.normal(0, 6, size=(h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def train(run_dir: Path, data: Path, *extra: str) -> Path:

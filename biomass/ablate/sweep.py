@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,16 +27,16 @@ from typing import Any
 from biomass.ablate.executors import ChildJob, Outcome, make_executor, stop_leftover
 from biomass.ablate.report import (RunResult, add_intervals, fmt_time, print_table, summarise, write_graveyard,
                                    write_summary)
-from biomass.ablate.runner import Parent, child_command, read_result
+from biomass.ablate.runner import child_command, read_result
 from biomass.ablate.spec import DEPLOYABLE, ORACLE, Ablation, describe, load_ablation
-from biomass.ablate.tracking_server import (UI_PORT, TrackingServer, is_http, is_local_store, stop_leftover_server,
-                                            ui_links)
 from biomass.config.load import Experiment, to_yaml
 from biomass.config.schema import ExperimentConfig
-from biomass.errors import BiomassError, ConfigError
-from biomass.places import require_writable
-from biomass.rundir import stamped_dir
-from biomass.tracking import check_store, store_lock, tracking_uri
+from biomass.errors import BiomassError, ConfigError, sigterm_interrupts
+from biomass.places import read_json_or, require_writable, write_json
+from biomass.rundir import CONFIG, METRICS, STATUS, stamped_dir
+from biomass.tracking import check_store, tracking_uri
+from biomass.tracking.runs import SweepRuns
+from biomass.tracking.server import UI_PORT, is_http
 
 SWEEP_FILE = "sweep.json"
 CHILDREN = "children"
@@ -105,101 +102,20 @@ def plan(ablations: list[Ablation], seeds: int, experiment: str, sweep_dir: Path
     return children, uses
 
 
-def _read(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def child_state(child: Child) -> str:
     """completed | interrupted (resume it) | failed | new, from its run directory alone."""
-    status = _read(child.run_dir / "run.json") or {}
-    metrics = _read(child.run_dir / "metrics.json") or {}
+    status = read_json_or(child.run_dir / STATUS, {})
+    metrics = read_json_or(child.run_dir / METRICS, {})
     if status.get("status") == "completed" and ORACLE in metrics:
         return "completed"
-    if status.get("status") in ("running", "killed") and (child.run_dir / "config.yaml").is_file():
+    if status.get("status") in ("running", "killed") and (child.run_dir / CONFIG).is_file():
         return "interrupted"
     return "failed" if status.get("status") == "failed" else "new"
 
 
-# ------------------------------------------------------------------------------------------------------- tracking
-class Tracking:
-    """The sweep's MLflow side: the tracking URI the children use (a server this sweep starts over a local store
-    when children run at once), the sweep run and one parent run per ablation, nested under it."""
-
-    def __init__(self, ablations: list[Ablation], seeds: int, sweep_dir: Path, options: SweepOptions,
-                 experiment: str, saved: dict[str, Any]):
-        import logging
-
-        import mlflow
-        from mlflow.tracking import MlflowClient
-
-        from biomass.tracking import git_state
-
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-        self.store_uri = mlflow.get_tracking_uri()
-        self.server: TrackingServer | None = None
-        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the sweep prints its own links
-        stop_leftover_server(saved.get("server_session"))
-        self.uri = self.store_uri
-        if options.parallel > 1 and is_local_store(self.store_uri):
-            # SQLite takes one writer at a time: concurrent children would fail with "database is locked"
-            self.server = TrackingServer(self.store_uri, sweep_dir / "mlflow-server.log")
-            self.uri = self.server.start()
-            saved["server_session"] = self.server.session
-        try:
-            self.client = MlflowClient(tracking_uri=self.uri)
-            with store_lock(self.uri):  # the store is created on first use: one process at a time
-                found = self.client.get_experiment_by_name(experiment)
-                self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-            if saved.get("sweep_run_id"):
-                self.sweep_run_id = saved["sweep_run_id"]
-                self.client.update_run(self.sweep_run_id, status="RUNNING")
-            else:
-                tags = {"role": "sweep", "sweep_dir": str(sweep_dir), "ablations": ", ".join(a.name for a in ablations),
-                        "seeds": str(seeds), "executor": options.executor, "parallel": str(options.parallel),
-                        **git_state(Path(__file__).parent)}
-                self.sweep_run_id = self.client.create_run(self.experiment_id, run_name=f"sweep-{sweep_dir.name}",
-                                                           tags=tags).info.run_id
-                saved["sweep_run_id"] = self.sweep_run_id
-        except BiomassError:
-            raise
-        except Exception as err:  # an unreachable server, a bad URI
-            self.close()
-            raise BiomassError(f"MLflow tracking at {self.uri}: cannot start the sweep run "
-                               f"({' '.join(str(err).split())[:300]})") from None
-        parents = saved.setdefault("parent_run_ids", {})
-        self.parents = {a.name: Parent(self.client, self.experiment_id, a, seeds, sweep_dir / a.name,
-                                       self.sweep_run_id, parents.get(a.name)) for a in ablations}
-        parents.update({name: p.run_id for name, p in self.parents.items()})
-
-    def finish(self, files: list[Path], status: str) -> dict[str, str]:
-        for f in files:
-            self.client.log_artifact(self.sweep_run_id, str(f))
-        self.client.set_terminated(self.sweep_run_id, status)
-        base = self.store_uri.rstrip("/") if is_http(self.store_uri) else f"http://127.0.0.1:{UI_PORT}"
-        return ui_links(base, self.experiment_id, self.sweep_run_id, [p.run_id for p in self.parents.values()])
-
-    def abort(self, status: str) -> None:
-        for p in self.parents.values():
-            p.abort(status)
-        try:
-            self.client.set_terminated(self.sweep_run_id, status)
-        except Exception:  # noqa: BLE001 - already failing
-            pass
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-
-
 # --------------------------------------------------------------------------------------------------------- sweep
 def _save(sweep_dir: Path, saved: dict[str, Any]) -> None:
-    tmp = sweep_dir / f"{SWEEP_FILE}.tmp"
-    tmp.write_text(json.dumps(saved, indent=1))
-    tmp.replace(sweep_dir / SWEEP_FILE)
+    write_json(sweep_dir / SWEEP_FILE, saved, indent=1)
 
 
 def check_multi_node(options: SweepOptions, mlflow_on: bool) -> None:
@@ -217,7 +133,7 @@ def check_multi_node(options: SweepOptions, mlflow_on: bool) -> None:
 
 def load_request(sweep_dir: Path) -> dict[str, Any]:
     """What `--resume SWEEP_DIR` repeats: the files, base, overrides, seeds and launch args of the first start."""
-    saved = _read(Path(sweep_dir) / SWEEP_FILE)
+    saved = read_json_or(Path(sweep_dir) / SWEEP_FILE)
     if not isinstance(saved, dict) or "files" not in saved:
         raise BiomassError(f"--resume {sweep_dir}: no readable {SWEEP_FILE}; not a sweep directory")
     return saved
@@ -269,52 +185,46 @@ def run_sweep(files: list[Path], base: Path | None, overrides: list[str], seeds:
         shutil.copyfile(a.path, out / "ablation.yaml")
         (out / "ablation.txt").write_text(describe(a, seeds) + "\n")
 
-    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() \
-        else None
-    executor = make_executor(options.executor, options.parallel, options.child_gpus, options.child_cpus,
-                             options.address)
-    tracking = None
-    try:
-        if mlflow_on:
-            tracking = Tracking(ablations, seeds, sweep_dir, options, experiment, saved)
-        _save(sweep_dir, saved)
-        shared = sum(len(c.uses) for c in children.values()) - len(children)
-        print(f"sweep {sweep_dir}: {len(ablations)} ablation(s), {len(children)} distinct runs"
-              + (f" ({shared} shared)" if shared else "") + f", executor {options.executor} x{options.parallel}"
-              + (f", MLflow {tracking.uri}" if tracking else ""), flush=True)
-        results = _run_children(children, ablations, tracking, options, executor, resume is not None)
-        failed = 0
-        for a in ablations:
-            failed += _finish_ablation(a, seeds, uses[a.name], children, results, sweep_dir, tracking)
-        files = write_graveyard(sweep_dir, names)
-        print(f"graveyard report: {files[0]}", flush=True)
-        if tracking is not None:
-            links = tracking.finish(files, "FINISHED" if any(r.status == "completed" for r in results.values())
-                                    else "FAILED")
-            saved["links"] = links
+    with sigterm_interrupts():  # a SIGTERM stops the children, Ray and the server as Ctrl-C does
+        executor = make_executor(options.executor, options.parallel, options.child_gpus, options.child_cpus,
+                                 options.address)
+        tracking = None
+        try:
+            if mlflow_on:
+                tracking = SweepRuns(ablations, seeds, sweep_dir, options.parallel, options.executor, experiment,
+                                 saved)
             _save(sweep_dir, saved)
-            where = ("" if is_http(tracking.store_uri) else
-                     f" (after `mlflow ui --backend-store-uri {tracking.store_uri} --port {UI_PORT}`)")
-            print(f"MLflow runs{where}: {links['runs']}\nMLflow compare the ablation parents: {links['compare']}",
-                  flush=True)
-    except BaseException as err:
-        if tracking is not None:
-            tracking.abort("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
-    finally:
-        if tracking is not None:
-            tracking.close()
-        executor.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            shared = sum(len(c.uses) for c in children.values()) - len(children)
+            print(f"sweep {sweep_dir}: {len(ablations)} ablation(s), {len(children)} distinct runs"
+                  + (f" ({shared} shared)" if shared else "") + f", executor {options.executor} x{options.parallel}"
+                  + (f", MLflow {tracking.uri}" if tracking else ""), flush=True)
+            results = _run_children(children, ablations, tracking, options, executor, resume is not None)
+            failed = 0
+            for a in ablations:
+                failed += _finish_ablation(a, seeds, uses[a.name], children, results, sweep_dir, tracking)
+            files = write_graveyard(sweep_dir, names)
+            print(f"graveyard report: {files[0]}", flush=True)
+            if tracking is not None:
+                links = tracking.finish(files, "FINISHED" if any(r.status == "completed" for r in results.values())
+                                        else "FAILED")
+                saved["links"] = links
+                _save(sweep_dir, saved)
+                where = ("" if is_http(tracking.store_uri) else
+                         f" (after `mlflow ui --backend-store-uri {tracking.store_uri} --port {UI_PORT}`)")
+                print(f"MLflow runs{where}: {links['runs']}\nMLflow compare the ablation parents: {links['compare']}",
+                      flush=True)
+        except BaseException as err:
+            if tracking is not None:
+                tracking.abort("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
+        finally:
+            if tracking is not None:
+                tracking.close()
+            executor.close()
     return failed
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")  # a SIGTERM stops the children, Ray and the server as Ctrl-C does
-
-
-def _run_children(children: dict[str, Child], ablations: list[Ablation], tracking: Tracking | None,
+def _run_children(children: dict[str, Child], ablations: list[Ablation], tracking: SweepRuns | None,
                   options: SweepOptions, executor, resuming: bool) -> dict[str, RunResult]:
     first_parent = {}  # child key -> the parent it nests under (its first use)
     results: dict[str, RunResult] = {}
@@ -323,7 +233,7 @@ def _run_children(children: dict[str, Child], ablations: list[Ablation], trackin
     for key, child in children.items():
         a_name, v_name, seed = child.uses[0]
         result = RunResult(v_name, seed, child.run_dir)
-        attempts = _read(child.folder / ATTEMPTS) or []
+        attempts = read_json_or(child.folder / ATTEMPTS) or []
         state = child_state(child) if resuming else "new"
         if state == "interrupted" or (resuming and (child.folder / "child.pid").is_file()):
             stop_leftover(child.folder)  # a killed sweep's child may still run: stop it before continuing its run
@@ -357,7 +267,7 @@ def _run_children(children: dict[str, Child], ablations: list[Ablation], trackin
         done += 1
         child, result = children[job.key], results[job.key]
         read_result(result, outcome.exit_code, child.folder)
-        attempts = _read(child.folder / ATTEMPTS) or []
+        attempts = read_json_or(child.folder / ATTEMPTS) or []
         result.duration_s = sum(a.get("duration_s", 0.0) for a in attempts) + (outcome.ended - outcome.spawned)
         attempts.append({"exit_code": outcome.exit_code, "status": result.status, "error": result.error,
                          "duration_s": round(outcome.ended - outcome.spawned, 2),
@@ -378,7 +288,7 @@ def _run_children(children: dict[str, Child], ablations: list[Ablation], trackin
 
 
 def _finish_ablation(ablation: Ablation, seeds: int, uses: dict[tuple[str, int], str], children: dict[str, Child],
-                     results: dict[str, RunResult], sweep_dir: Path, tracking: Tracking | None) -> int:
+                     results: dict[str, RunResult], sweep_dir: Path, tracking: SweepRuns | None) -> int:
     out = sweep_dir / ablation.name
     runs = []
     for (variant, seed), key in uses.items():

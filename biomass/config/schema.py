@@ -147,10 +147,20 @@ class InferConfig(Section):
     crop: Literal["none", "boxes"] = "none"  # boxes: frame each stage's images as it trained (data.crops boxes)
     tta: list[Literal["none", "hflip", "vflip", "hvflip"]] = Field(["none", "hflip", "vflip"], min_length=1)
     fold_weights: Literal["uniform", "cv"] | list[float] = "uniform"
-    mass_balance: bool = False  # project onto GDM = Green + Clover, Total = GDM + Dead
-    # post-processing steps in order, after mass_balance and before clip: [mass_balance, {clover_scale: 0.8}, ...]
+    # post-processing steps in order, before clip: [mass_balance, {clover_scale: 0.8}, ...]
     post: list[Component(POSTS)] = []
-    clip: bool = True  # clip predictions at 0 g (after the mass balance and the post steps)
+    clip: bool = True  # clip predictions at 0 g (after the post steps)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mass_balance_alias(cls, data: Any) -> Any:
+        """Deprecated `infer.mass_balance: true` = `infer.post: [mass_balance, ...]` (first step). Kept only so that
+        run directories written before the knob moved (their config.yaml says `mass_balance: false`) still load."""
+        if isinstance(data, dict) and "mass_balance" in data:
+            data = dict(data)
+            if data.pop("mass_balance"):
+                data["post"] = ["mass_balance", *(data.get("post") or [])]
+        return data
 
     @field_validator("post", mode="before")
     @classmethod

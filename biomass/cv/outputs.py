@@ -1,30 +1,31 @@
-"""What a finished CV run reports: metrics.json, the OOF CSVs, scatter plots, MLflow metrics, the summary table.
+"""What a finished CV run reports: its metrics (computed here from predictions, nothing else), metrics.json, the
+OOF CSVs, scatter plots, MLflow metrics, the summary table.
 
-The deployable CV runs the chain (biomass.chain) on the training images out of fold: every image gets NDVI and
-Height from the aux models that never saw it and its biomass from the main models that never saw it, framed, TTA'd
-and post-processed exactly as the test images will be.
+The deployable predictions come from the chain (biomass.chain, run by biomass.cv.experiment) on the training images
+out of fold: every image gets NDVI and Height from the aux models that never saw it and its biomass from the main
+models that never saw it, framed, TTA'd and post-processed exactly as the test images will be.
 """
 from __future__ import annotations
 
-import os
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from biomass.chain import ChainSettings, held_out, run_chain
+from biomass.chain import Assignment, ChainSettings
 from biomass.config.schema import ExperimentConfig
 from biomass.constants import SHORT, TABULAR, TARGETS, sample_id
 from biomass.data.source import TrainData
-from biomass.engine.checkpoint import write_json
 from biomass.engine.loop import FoldResult
 from biomass.metrics import score_report, scored_rows
+from biomass.places import write_csv_atomic, write_json
 from biomass.rundir import AUX_OOF, CONFIG, FOLDS, METRICS, OOF, OOF_DEPLOYABLE, PLOTS, RunDir
 from biomass.stages import AUX, MAIN, Stage
-from biomass.tracking import Tracker, scatter_plot
-from biomass.ttt import labelled_from
+from biomass.tracking import Tracker
+
+CSV = {"index": False, "float_format": "%.6f"}
 
 
 def long_format(image_ids: pd.Series, values: np.ndarray, names=TARGETS) -> pd.DataFrame:
@@ -51,80 +52,75 @@ def chain_runs(cfg: ExperimentConfig, main_uses_tabular: bool) -> bool:
     return cfg.aux is not None or not main_uses_tabular
 
 
-def deployable_predictions(accelerator, cfg: ExperimentConfig, data: TrainData, run: RunDir,
-                           fold_ids: dict[Stage, np.ndarray], folds: dict[Stage, list[int]]) -> np.ndarray:
-    """The chain out of fold: biomass (n, 5) in grams, NaN where no fold held a row out. With `infer.ttt` each main
-    fold fine-tunes on its training images + its held-out images pseudo-labelled, as it would on the test set."""
-    aux = held_out(fold_ids[AUX], folds[AUX]) if cfg.aux is not None else None
-    labelled = labelled_from(cfg, data, fold_ids[MAIN], folds[MAIN]) if cfg.infer.ttt is not None else None
-    return run_chain(accelerator, run, cfg, data.images, aux, held_out(fold_ids[MAIN], folds[MAIN]),
-                     labelled=labelled)[0]
+@dataclass
+class OutOfFold:
+    """A CV run's predictions for its training images, NaN where no fold held a row out: the main stage's (true
+    NDVI/Height in), the aux stage's NDVI/Height, and the deployable chain's biomass (None: not run). `held`: the
+    rows each trained fold held out, every one of which must be scored (a NaN there is an error naming `where`, the
+    run, and the fold: never a score on fewer rows, or on none)."""
+
+    where: str
+    held: Assignment
+    main: np.ndarray
+    aux: np.ndarray | None = None
+    deployable: np.ndarray | None = None
 
 
-def compute_metrics(accelerator, cfg: ExperimentConfig, data: TrainData, run: RunDir,
-                    fold_ids: dict[Stage, np.ndarray], folds: dict[Stage, list[int]], main_oof: np.ndarray,
-                    results: dict[Stage, list[FoldResult]], aux_oof: np.ndarray | None, main_uses_tabular: bool
-                    ) -> tuple[dict[str, Any], np.ndarray | None]:
+def cv_metrics(data: TrainData, oof: OutOfFold, results: dict[Stage, list[FoldResult]]) -> dict[str, Any]:
+    """The oracle CV (main OOF), the aux stage's R², each fold's best epoch and scores."""
     y = data.table[list(TARGETS)].to_numpy(np.float64)
-    # the rows the trained folds held out, every one finite (else one error naming the fold): never a score on none
-    scored = scored_rows(main_oof, held_out(fold_ids[MAIN], folds[MAIN]), f"{run}: main out-of-fold")
-    report = score_report(y[scored], main_oof[scored])
+    scored = scored_rows(oof.main, oof.held.main, f"{oof.where}: main out-of-fold")
+    report = score_report(y[scored], oof.main[scored])
     metrics: dict[str, Any] = {"cv/weighted_r2": report["weighted_r2"], "cv/mean_target_r2": report["mean_target_r2"],
                                **{f"cv/{t}_r2": v for t, v in report["per_target"].items()},
                                "cv/images_scored": len(scored)}
     metrics["folds"] = {stage.name: {str(r.fold): {"best_epoch": r.best_epoch, **r.best} for r in rs}
                         for stage, rs in results.items()}
-    if aux_oof is not None:
-        ok = scored_rows(aux_oof, held_out(fold_ids[AUX], folds[AUX]), f"{run}: aux out-of-fold")
+    if oof.aux is not None:
+        ok = scored_rows(oof.aux, oof.held.aux, f"{oof.where}: aux out-of-fold")
         t = data.table[list(TABULAR)].to_numpy(np.float64)
-        aux = AUX.score(t[ok], aux_oof[ok])
+        aux = AUX.score(t[ok], oof.aux[ok])
         metrics.update({f"cv/aux_{n}_r2": aux[f"r2/{n}"] for n in TABULAR})
-    if not chain_runs(cfg, main_uses_tabular):
-        return metrics, None
-    deployable = deployable_predictions(accelerator, cfg, data, run, fold_ids, folds)
-    aux_rows = np.concatenate(list(held_out(fold_ids[AUX], folds[AUX]).values())) if cfg.aux is not None else None
-    chained = {k: rows if aux_rows is None else np.intersect1d(rows, aux_rows)
-               for k, rows in held_out(fold_ids[MAIN], folds[MAIN]).items()}
-    ok = scored_rows(deployable, chained, f"{run}: deployable chain, main")
-    metrics["cv/weighted_r2_deployable"] = score_report(y[ok], deployable[ok])["weighted_r2"]
-    metrics["cv/deployable_images_scored"] = len(ok)
-    metrics["cv/deployable_chain"] = repr(ChainSettings.of(cfg))
+    return metrics
+
+
+def deployable_metrics(cfg: ExperimentConfig, data: TrainData, oof: OutOfFold,
+                       fold_ids: dict[Stage, np.ndarray]) -> dict[str, Any]:
+    """The deployable CV's score (every row both stages held out), the chain it ran, and whether it can be
+    leak-free (`cv/deployable_leak`)."""
+    y = data.table[list(TARGETS)].to_numpy(np.float64)
+    aux_rows = np.concatenate(list(oof.held.aux.values())) if oof.held.aux is not None else None
+    chained = {k: rows if aux_rows is None else np.intersect1d(rows, aux_rows) for k, rows in oof.held.main.items()}
+    ok = scored_rows(oof.deployable, chained, f"{oof.where}: deployable chain, main")
+    metrics: dict[str, Any] = {"cv/weighted_r2_deployable": score_report(y[ok], oof.deployable[ok])["weighted_r2"],
+                               "cv/deployable_images_scored": len(ok),
+                               "cv/deployable_chain": repr(ChainSettings.of(cfg))}
     leak = chain_is_leaky(cfg, fold_ids[MAIN], fold_ids.get(AUX))
     metrics["cv/deployable_leak"] = leak is not None
     if leak:
         metrics["cv/deployable_leak_reason"] = leak
-        if accelerator.is_main_process:
-            warnings.warn(f"the deployable CV is optimistic: {leak}", stacklevel=1)
-            accelerator.print(f"warning: the deployable CV is optimistic: {leak}")
-    return metrics, deployable
+    return metrics
 
 
-def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    df.to_csv(tmp, index=False, float_format="%.6f")
-    os.replace(tmp, path)
-
-
-def write_outputs(cfg: ExperimentConfig, data: TrainData, run: RunDir, main_oof: np.ndarray,
-                  aux_oof: np.ndarray | None, deployable: np.ndarray | None, metrics: dict[str, Any],
+def write_outputs(cfg: ExperimentConfig, data: TrainData, run: RunDir, oof: OutOfFold, metrics: dict[str, Any],
                   tracker: Tracker) -> None:
     ids = data.table["image_id"]
     y = data.table[list(TARGETS)].to_numpy(np.float64)
-    scored = ~np.isnan(main_oof).any(axis=1)
-    _atomic_csv(long_format(ids[scored], main_oof[scored]), run / OOF)
-    plots = [scatter_plot(y[scored], main_oof[scored], TARGETS, run / PLOTS / "oof_scatter.png",
+    scored = ~np.isnan(oof.main).any(axis=1)
+    write_csv_atomic(long_format(ids[scored], oof.main[scored]), run / OOF, **CSV)
+    plots = [scatter_plot(y[scored], oof.main[scored], TARGETS, run / PLOTS / "oof_scatter.png",
                           f"{cfg.name}: out-of-fold, true NDVI/Height")]
-    if aux_oof is not None:
-        ok = ~np.isnan(aux_oof).any(axis=1)
-        _atomic_csv(pd.DataFrame({"image_id": ids[ok], **{n: aux_oof[ok, j] for j, n in enumerate(TABULAR)}}),
-                    run / AUX_OOF)
+    if oof.aux is not None:
+        ok = scored_rows(oof.aux, oof.held.aux, f"{oof.where}: aux out-of-fold")
+        write_csv_atomic(pd.DataFrame({"image_id": ids[ok], **{n: oof.aux[ok, j] for j, n in enumerate(TABULAR)}}),
+                         run / AUX_OOF, **CSV)
         t = data.table[list(TABULAR)].to_numpy(np.float64)
-        plots.append(scatter_plot(t[ok], aux_oof[ok], TABULAR, run / PLOTS / "aux_oof_scatter.png",
+        plots.append(scatter_plot(t[ok], oof.aux[ok], TABULAR, run / PLOTS / "aux_oof_scatter.png",
                                   f"{cfg.name}: aux stage, out-of-fold"))
-    if deployable is not None:
-        ok = ~np.isnan(deployable).any(axis=1)
-        _atomic_csv(long_format(ids[ok], deployable[ok]), run / OOF_DEPLOYABLE)
-        plots.append(scatter_plot(y[ok], deployable[ok], TARGETS, run / PLOTS / "oof_deployable_scatter.png",
+    if oof.deployable is not None:
+        ok = ~np.isnan(oof.deployable).any(axis=1)
+        write_csv_atomic(long_format(ids[ok], oof.deployable[ok]), run / OOF_DEPLOYABLE, **CSV)
+        plots.append(scatter_plot(y[ok], oof.deployable[ok], TARGETS, run / PLOTS / "oof_deployable_scatter.png",
                                   f"{cfg.name}: out-of-fold through the inference chain"))
     write_json(run / METRICS, metrics)
     tracker.metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -132,6 +128,31 @@ def write_outputs(cfg: ExperimentConfig, data: TrainData, run: RunDir, main_oof:
         tracker.artifact(run / name)
     for p in plots:
         tracker.artifact(p, "plots")
+
+
+def scatter_plot(y_true, y_pred, names, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2))
+    for j, (ax, name) in enumerate(zip(np.atleast_1d(axes), names)):
+        y, p = y_true[:, j], y_pred[:, j]
+        ok = ~np.isnan(p)
+        ax.scatter(y[ok], p[ok], s=8, alpha=0.6)
+        hi = float(max(y[ok].max(initial=1), p[ok].max(initial=1)))
+        ax.plot([0, hi], [0, hi], "k--", lw=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("true (g)")
+        ax.set_ylabel("predicted (g)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def summary_table(console, metrics: dict[str, Any], results: dict[Stage, list[FoldResult]]) -> None:

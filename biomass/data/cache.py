@@ -9,7 +9,7 @@ JPEG reader; with one it returns a `CachedReader` over `<cache_dir>/<slot>-<key>
   changing a setting, gives a new key and so a new file; the previous file of the same slot (same image list and
   settings) is deleted when its replacement is complete.
 - Filled up front, once: the first process takes an exclusive lock on `<file>.lock` (fcntl), decodes with a thread
-  pool (OpenCV releases the GIL) into `<file>.<pid>.tmp` and renames it into place (atomic); every other process
+  pool (OpenCV releases the GIL) into a temporary name and renames it into place (atomic); every other process
   (DDP ranks, concurrent runs) blocks on the lock, then finds the file complete and only opens it.
 - The reader pickles without its array: each DataLoader worker or process maps the file itself, read-only, on first
   use, and the page cache is shared between them.
@@ -31,6 +31,7 @@ import numpy as np
 from biomass.data import images
 from biomass.data.images import Reader
 from biomass.data.table import Box
+from biomass.places import atomic
 
 FORMAT_VERSION = 1
 
@@ -116,16 +117,11 @@ def decode_into(out: np.ndarray, reader: Reader, workers: int | None = None) -> 
 def fill(path: Path, reader: Reader, shape: tuple[int, int, int, int], workers: int | None = None) -> None:
     """Decode every image with `reader` into a new `.npy` at `path` (temp name, then an atomic rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         decode_into(out, reader, workers)
         out.flush()
         del out
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 class MemoryReader:

@@ -15,6 +15,7 @@ from biomass.config.schema import ExperimentConfig
 from biomass.data.images import Reader
 from biomass.data.table import Box, check_images, read_crops, read_test, read_train
 from biomass.errors import ConfigError, DataError
+from biomass.stages import Stage, configured
 
 
 @dataclass
@@ -36,6 +37,12 @@ class ImageSet:
         return make_reader(cache_dir, self.root, self.image_paths, tuple(size), self.boxes if crop else None,
                            self.sizes, layout)
 
+    def stage_reader(self, cfg: ExperimentConfig, stage: Stage, training: bool) -> Reader:
+        """The images framed for a stage (its crop, size and layout): as it trains, or as the chain reads them."""
+        stage_cfg = stage.config(cfg)
+        return self.reader(stage_cfg.image.size, stage.crops(cfg, training), stage_cfg.image.layout,
+                           cfg.data.cache_dir)
+
 
 @dataclass
 class TrainData:
@@ -46,14 +53,10 @@ class TrainData:
     def root(self) -> Path:
         return self.images.root
 
-    def stage_reader(self, stage_cfg, cache_dir: Path | None) -> Reader:
-        """The images framed as a stage trains on them (its crop, size and layout)."""
-        return self.images.reader(stage_cfg.image.size, stage_cfg.image.crop, stage_cfg.image.layout, cache_dir)
-
 
 def needs_crops(cfg: ExperimentConfig) -> bool:
     """Whether any stage trains on cropped images."""
-    return cfg.main.image.crop or (cfg.aux is not None and cfg.aux.image.crop)
+    return any(s.crops(cfg, training=True) for s in configured(cfg))
 
 
 def _crop_file(cfg: ExperimentConfig, root: Path) -> Path:

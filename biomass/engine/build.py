@@ -1,18 +1,15 @@
-"""Config -> the objects one fold trains with: model + loss, data loaders, optimizer, scheduler.
+"""Config -> the objects one fold trains with: model + loss, optimizer, scheduler (the loaders: `FoldTrainer.loader`).
 
 Each component node is built by one call, `Registry.build_node(node, *context)`; runtime context (image size,
 feature spec, dims, epochs, device) is passed positionally, config values as keywords.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
 
 import biomass.components  # noqa: F401  (fills the registries this module builds from)
 from biomass.config.schema import ExperimentConfig, StageConfig
-from biomass.data.images import EpochSampler, ImageDataset, Reader, build_augment
 from biomass.errors import ConfigError
 from biomass.models.model import BiomassModel, TargetSpace
 from biomass.registry import BACKBONES, FUSIONS, HEADS, LOSSES, OPTIMIZERS, POOLINGS, SCHEDULERS
@@ -35,7 +32,7 @@ def build_stage_model(stage: Stage, cfg: StageConfig, load_weights: bool = True
     which one is the prediction. `load_weights=False` skips the backbone weights file (a fold checkpoint holds the
     whole model; the meta-device dry run reads no data)."""
     n_targets = len(stage.targets)
-    loss = LOSSES.build_node(cfg.loss, n_targets)
+    loss = build_loss(stage, cfg)
     size = tuple(cfg.image.size)
     backbone_node = dict(cfg.model.backbone)
     if not load_weights:
@@ -48,11 +45,20 @@ def build_stage_model(stage: Stage, cfg: StageConfig, load_weights: bool = True
     target_space = TargetSpace(n_targets, bins=getattr(loss, "bins", 0))
     head = HEADS.build_node(cfg.model.head, in_features, len(stage.inputs), n_targets * loss.outputs_per_target,
                             target_space)
-    if hasattr(loss, "bind"):  # a loss that reads the fold's fitted values (interval bins) from the target space
-        loss.bind(target_space)
+    bind_loss(loss, target_space)
     model = BiomassModel(backbone, pooling, head, target_space, cfg.targets.activation, cfg.image.mean,
                          cfg.image.std, cfg.image.layout, fusion, loss.point)
     return model, loss
+
+
+def build_loss(stage: Stage, cfg: StageConfig) -> torch.nn.Module:
+    return LOSSES.build_node(cfg.loss, len(stage.targets))
+
+
+def bind_loss(loss: torch.nn.Module, target_space: TargetSpace) -> None:
+    """A loss that reads the fold's fitted values (interval bins) from the model's target space gets it."""
+    if hasattr(loss, "bind"):
+        loss.bind(target_space)
 
 
 def per_process_batch(global_batch: int, num_processes: int, key: str) -> int:
@@ -66,21 +72,6 @@ def per_process_batch(global_batch: int, num_processes: int, key: str) -> int:
 def eval_batch_size(cfg: StageConfig, num_processes: int) -> int:
     """Evaluation batches only bound memory: round up instead of insisting on divisibility."""
     return max(1, -(-(cfg.train.eval_batch_size or 2 * cfg.train.batch_size) // num_processes))
-
-
-def make_loader(reader: Reader, index: np.ndarray, tabular: np.ndarray, targets: np.ndarray | None,
-                cfg: StageConfig, seed: int, train: bool, num_workers: int, num_processes: int = 1,
-                batch_size: int | None = None) -> DataLoader:
-    """Images `index` of the reader's list; `tabular` and `targets` are indexed by the same numbers."""
-    augment = build_augment(cfg.augment.train if train else cfg.augment.val)
-    dataset = ImageDataset(lambda i: reader(int(index[i])), len(index), tabular[index],
-                           None if targets is None else targets[index], augment, seed)
-    if batch_size is None:
-        batch_size = (per_process_batch(cfg.train.batch_size, num_processes, "train.batch_size") if train
-                      else eval_batch_size(cfg, num_processes))
-    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(index), seed, shuffle=train),
-                      drop_last=train and cfg.train.drop_last and len(index) > batch_size, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: StageConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -5,34 +5,13 @@ version whole. Where the files live is the RunDir's business (biomass.rundir); t
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from biomass.errors import BiomassError
-
-
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
-
-
-def read_json(path: Path, what: str = "file", fix: str = "retrain or restore it") -> dict[str, Any]:
-    """A JSON object from `path`; a missing, truncated or foreign file is one error naming it and `fix`."""
-    path = Path(path)
-    if not path.is_file():
-        raise BiomassError(f"{path}: {what} is missing")
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise BiomassError(f"{path}: {what} is not valid JSON (truncated or corrupt: {err}); {fix}") from None
-    if not isinstance(data, dict):
-        raise BiomassError(f"{path}: {what} is not a JSON object; it was not written by biomass")
-    return data
+from biomass.places import atomic, read_json, write_json
 
 
 def frozen_backbone_keys(model: torch.nn.Module) -> set[str]:
@@ -48,14 +27,13 @@ def save_checkpoint(model: torch.nn.Module, path: Path, meta: dict[str, Any], pa
     from safetensors.torch import save_file, save_model
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.safetensors")
-    if partial:
-        skip = frozen_backbone_keys(model)
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items() if k not in skip},
-                  str(tmp))
-    else:
-        save_model(model, str(tmp))  # handles the consistent head's shared buffers
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        if partial:
+            skip = frozen_backbone_keys(model)
+            save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()
+                       if k not in skip}, str(tmp))
+        else:
+            save_model(model, str(tmp))  # handles the consistent head's shared buffers
     write_json(path.with_suffix(".json"), meta)
 
 

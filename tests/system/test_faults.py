@@ -81,7 +81,7 @@ def infer_args(run: Path, data: Path, out: Path) -> list[str]:
 # ------------------------------------------------------------------------------------- the happy path, layouts
 @pytest.mark.slow
 def test_differing_layouts_make_a_submission(trained, data, tmp_path, capsys):
-    """main halves, aux whole: the chain reads each stage's images its own way (biomass.chain.stage_reader)."""
+    """main halves, aux whole: the chain reads each stage's images its own way (biomass.chain.Chain.reader)."""
     code, out, err = cli(capsys, "biomass.infer", infer_args(trained, data, tmp_path / "s.csv"))
     assert code == 0, err
     import pandas as pd
@@ -352,27 +352,43 @@ def start_training(run: Path, data: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+def kill_point(seed: int) -> str:
+    """Where a run is killed, drawn by the seed: mid main fold k (its saved state after epoch 0 exists while
+    epoch 1 trains), or just after aux fold k's best epoch (the file stays; the rest of the run is still to come)."""
+    rng = random.Random(seed)
+    k = rng.randrange(3)
+    return rng.choice([f"state/main/fold{k}/progress.json", f"aux/fold{k}/best.json"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_training_killed_at_a_random_point_resumes(data, tmp_path, sig, seed):
+def test_training_killed_at_a_random_point_resumes(trained, data, tmp_path, sig, seed):
+    """Killed at a point drawn by the seed (waited for as a file, so the kill always lands before the run ends),
+    then resumed: the same metrics and the same OOF files as the run never killed (`trained`, same config)."""
     run = tmp_path / "run"
     proc = start_training(run, data)
+    point = run / kill_point(seed)
     end = time.time() + 300
-    while not (run / "run.json").exists():  # training has started: the run directory is a run
+    while not point.exists():
         assert proc.poll() is None and time.time() < end, proc.communicate()[1][-2000:]
-        time.sleep(0.05)
-    time.sleep(random.Random(seed).uniform(0.0, 15.0))
-    if proc.poll() is None:
-        proc.send_signal(sig)
+        time.sleep(0.02)
+    proc.send_signal(sig)
     proc.communicate(timeout=120)
     status = json.loads((run / "run.json").read_text())["status"]
-    if status != "completed":
-        done = subprocess.run([sys.executable, "-m", "biomass.run", "--resume", str(run)], env=env(), cwd=REPO,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+    assert status == ("running" if sig == signal.SIGKILL else "killed"), status  # the kill landed mid-run
+    done = subprocess.run([sys.executable, "-m", "biomass.run", "--resume", str(run)], env=env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
-    assert np.isfinite(json.loads((run / "metrics.json").read_text())["cv/weighted_r2_deployable"])
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (run, trained))
+    for key in ("cv/weighted_r2", "cv/weighted_r2_deployable", "cv/aux_Pre_GSHH_NDVI_r2"):
+        assert got[key] == want[key], key
+    for name in ("oof.csv", "aux_oof.csv", "oof_deployable.csv"):
+        assert (run / name).read_bytes() == (trained / name).read_bytes(), name
+    for done in sorted(trained.glob("*/fold*/done.json")):  # every epoch's numbers, not only the best epoch's
+        again = run / done.relative_to(trained)
+        assert json.loads(again.read_text())["history"] == json.loads(done.read_text())["history"], again
     assert not (run / "state").exists() or not any((run / "state").rglob("*.json"))
 
 

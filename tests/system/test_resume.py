@@ -10,11 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import DEMO, TINY, TINY_MAIN_ONLY
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "experiments" / "demo.yaml"
-TINY = ["main.image.size=[32,32]", "main.train.epochs=3", "main.train.batch_size=4", "data.num_workers=0",
-        "main.model.backbone.model_name=resnet10t", "aux=null"]
+WITH_AUX = [*TINY, "aux.train.epochs=2"]  # both stages; an aux fold has a saved state mid-fold
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +22,8 @@ def data(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("d") / "demo", n_train=12, n_test=3, seed=2, width=96, height=48)
 
 
-def start(run_dir: Path, data: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "biomass.run", str(DEMO), f"data.root={data}", *TINY,
+def start(run_dir: Path, data: Path, env: dict, overrides: list[str] = TINY_MAIN_ONLY) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "biomass.run", str(DEMO), f"data.root={data}", *overrides,
                              "--run-dir", str(run_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -44,23 +42,30 @@ def resume(run_dir: Path, env: dict) -> subprocess.CompletedProcess:
 
 
 def test_sigkill_mid_fold_then_resume_matches_uninterrupted(tmp_path, data):
+    """SIGKILL mid aux fold 1 (main done, aux fold 0 done), then --resume: the oracle and the deployable CV, and
+    every OOF file, equal an uninterrupted run's; MLflow continues the same run and children."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
-    whole = start(tmp_path / "whole", data, env)
+    whole = start(tmp_path / "whole", data, env, WITH_AUX)
     assert whole.wait(timeout=300) == 0, whole.stderr.read()[-2000:]
 
-    killed = start(tmp_path / "killed", data, env)
-    wait_for(tmp_path / "killed" / "state" / "main" / "fold1" / "progress.json", killed)  # mid fold 1
+    killed = start(tmp_path / "killed", data, env, WITH_AUX)
+    wait_for(tmp_path / "killed" / "state" / "aux" / "fold1" / "progress.json", killed)  # mid aux fold 1
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert json.loads((tmp_path / "killed" / "run.json").read_text())["status"] == "running"
     done = resume(tmp_path / "killed", env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "already complete" in done.stdout  # fold 0 was not trained again
+    assert "main fold 2: already complete" in done.stdout and "aux fold 0: already complete" in done.stdout
 
     a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     b = json.loads((tmp_path / "killed" / "metrics.json").read_text())
-    assert a["cv/weighted_r2"] == b["cv/weighted_r2"]
-    assert (tmp_path / "whole" / "oof.csv").read_bytes() == (tmp_path / "killed" / "oof.csv").read_bytes()
+    for key in ("cv/weighted_r2", "cv/weighted_r2_deployable", "cv/aux_Height_Ave_cm_r2"):
+        assert a[key] == b[key], key
+    for name in ("oof.csv", "aux_oof.csv", "oof_deployable.csv"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "killed" / name).read_bytes(), name
+    for done in sorted((tmp_path / "whole").glob("*/fold*/done.json")):  # every epoch's numbers
+        again = tmp_path / "killed" / done.relative_to(tmp_path / "whole")
+        assert json.loads(again.read_text())["history"] == json.loads(done.read_text())["history"], again
     assert json.loads((tmp_path / "killed" / "run.json").read_text())["status"] == "completed"
     assert not (tmp_path / "killed" / "state").exists() or not any((tmp_path / "killed" / "state").rglob("*.json"))
 
@@ -71,7 +76,7 @@ def test_sigkill_mid_fold_then_resume_matches_uninterrupted(tmp_path, data):
     parents = [r for r in runs if r.data.tags.get("run_dir") == str(tmp_path / "killed")]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # continued, not duplicated
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert sorted(r.info.run_name for r in children) == ["main/fold0", "main/fold1", "main/fold2"]
+    assert sorted(r.info.run_name for r in children) == [f"{s}/fold{k}" for s in ("aux", "main") for k in range(3)]
 
 
 def test_sigterm_ends_killed_and_resumable(tmp_path, data):

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers import REPO, npy_files
 
 import biomass.data.cache as cache_mod
 from biomass.data.cache import CachedReader, cache_path, cached_reader, make_reader
@@ -21,7 +21,6 @@ from biomass.data.images import ImageDataset, build_augment, jpeg_reader
 from biomass.data.table import check_images
 from biomass.errors import DataError
 
-REPO = Path(__file__).resolve().parents[2]
 SIZE = (32, 48)  # (h, w); 200x100 sources, so whole images decode at reduced (1/2) resolution
 
 
@@ -92,22 +91,18 @@ def _copy(data: Path, tmp_path: Path) -> Path:
     return root
 
 
-def _npy(cache_dir: Path) -> list[Path]:
-    return sorted(cache_dir.glob("*.npy"))
-
-
 def test_touched_or_rewritten_source_gives_a_new_file_and_removes_the_old(data, tmp_path):
     root = _copy(data, tmp_path)
     paths, sizes, boxes = image_set(root)
     cache = tmp_path / "cache"
     first = cached_reader(cache, root, paths, SIZE, boxes, sizes, quiet=True)
-    assert _npy(cache) == [first.path]
+    assert npy_files(cache) == [first.path]
 
     target = root / paths[1]
     st = target.stat()
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same bytes, new mtime
     second = cached_reader(cache, root, paths, SIZE, boxes, sizes, quiet=True)
-    assert second.path != first.path and _npy(cache) == [second.path]
+    assert second.path != first.path and npy_files(cache) == [second.path]
     assert second.path.name.split("-")[0] == first.path.name.split("-")[0]  # same slot, new key
     assert not list(cache.glob("*.tmp")) and not list(cache.glob("*.lock"))
 
@@ -117,7 +112,7 @@ def test_touched_or_rewritten_source_gives_a_new_file_and_removes_the_old(data, 
     assert ok and len(jpg) != st.st_size
     target.write_bytes(jpg.tobytes())
     third = cached_reader(cache, root, paths, SIZE, boxes, sizes, quiet=True)
-    assert third.path not in (first.path, second.path) and _npy(cache) == [third.path]
+    assert third.path not in (first.path, second.path) and npy_files(cache) == [third.path]
     assert np.array_equal(third(1), jpeg_reader(root, paths, SIZE, boxes, sizes)(1))
     assert not np.array_equal(third(1), jpeg_reader(data, paths, SIZE, boxes, sizes)(1))  # the old picture's
 
@@ -136,7 +131,7 @@ def test_other_settings_give_other_files(data, tmp_path):
                 cached_reader(cache, data, paths, SIZE, boxes, sizes, "halves", quiet=True).path,
                 cached_reader(cache, data, paths[:-1], SIZE, boxes, sizes, quiet=True).path]
     assert len({base, *variants}) == 5
-    assert _npy(cache) == sorted([base, *variants])  # other settings are other slots: nothing removed
+    assert npy_files(cache) == sorted([base, *variants])  # other settings are other slots: nothing removed
     assert np.load(variants[0], mmap_mode="r").shape == (len(paths), 40, 40, 3)
     # the path is a pure function of the inputs
     assert cache_path(cache, data, paths, SIZE, boxes, sizes) == base
@@ -223,21 +218,5 @@ def test_make_reader_without_a_cache_dir_reads_the_jpegs(data, tmp_path):
     plain = make_reader(None, data, paths, SIZE, boxes, sizes)
     cached = make_reader(tmp_path / "c", data, paths, SIZE, boxes, sizes)
     assert not isinstance(plain, CachedReader) and isinstance(cached, CachedReader)
-    assert not list((tmp_path).glob("*.npy")) and len(_npy(tmp_path / "c")) == 1
+    assert not list((tmp_path).glob("*.npy")) and len(npy_files(tmp_path / "c")) == 1
     assert all(np.array_equal(plain(i), cached(i)) for i in range(len(paths)))
-
-
-def test_training_with_the_cache_gives_the_same_oof(tmp_path, monkeypatch):
-    """One fold, one epoch of the real training entry point, with and without data.cache_dir."""
-    from helpers import train
-
-    from biomass.data.synthetic import generate
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    data = generate(tmp_path / "data", n_train=9, n_test=1, seed=1, width=128, height=64)
-    extra = ["aux=null", "main.folds.train_folds=[0]", "tracking.mlflow=false", "main.train.epochs=1",
-             "main.model.backbone.model_name=test_resnet"]
-    a = train(tmp_path / "a", data, *extra)
-    b = train(tmp_path / "b", data, *extra, f"data.cache_dir={tmp_path / 'cache'}")
-    assert len(_npy(tmp_path / "cache")) == 1
-    assert len(pd.read_csv(a / "oof.csv")) > 0 and (a / "oof.csv").read_bytes() == (b / "oof.csv").read_bytes()

@@ -12,14 +12,12 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import DEMO, GOLD, REPO
+
 from biomass.config.load import deep_merge, load_experiment, parse_overrides, to_yaml, validate
 from biomass.errors import ConfigError, run_cli
 from biomass.run import main as run_main
 
-REPO = Path(__file__).resolve().parents[2]
-EXPERIMENTS = REPO / "experiments"
-GOLD = EXPERIMENTS / "gold.yaml"
-DEMO = EXPERIMENTS / "demo.yaml"
 
 
 def _write(path: Path, text: str) -> Path:
@@ -29,7 +27,8 @@ def _write(path: Path, text: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- the shipped files
-@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").rglob("*.yaml")),  # recipes/ too
+                         ids=lambda p: str(p.relative_to(REPO / "experiments")))
 def test_every_experiment_resolves(path: Path) -> None:
     exp = load_experiment(path)
     cfg = exp.config
@@ -142,7 +141,7 @@ def test_base_chain_three_levels(tmp_path: Path) -> None:
     assert cfg.main.augment.train == [{"name": "VerticalFlip", "p": 0.5}]  # the list replaced whole
     assert cfg.data.root == tmp_path / "one" / "data_a"  # relative to a.yaml, the file that says it
     assert cfg.main.model.backbone["weights"] == str(
-        EXPERIMENTS.parent / "weights/vit_huge_plus_patch16_dinov3.lvd1689m/pytorch_model.bin")  # from gold's folder
+        REPO / "weights/vit_huge_plus_patch16_dinov3.lvd1689m/pytorch_model.bin")  # from gold's folder
     assert cfg.aux is not None and cfg.aux.train.epochs == 25
 
 
@@ -387,17 +386,19 @@ def test_check_batches_refuses_a_last_batch_of_one_image(n_train, drop_last, ref
     last training batch holds 1 image is one error naming the fold, its size and both ways out."""
     import numpy as np
 
-    from biomass.preflight import check_batches
+    from biomass.preflight import check_batches, check_models
     from biomass.stages import MAIN
 
     cfg = load_experiment(DEMO, [f"data.root={tmp_path}", "main.train.batch_size=4",
                                  f"main.train.drop_last={str(drop_last).lower()}"]).config
+    facts = check_models(cfg)  # the meta-device build, once: its answers go to check_batches
+    assert facts[MAIN].batchnorm_head
     ids = np.array([0] * 3 + [1] * n_train)  # fold 0 trains on the n_train images of fold 1
     if not refused:
-        check_batches(cfg, {MAIN: ids})
+        check_batches(cfg, {MAIN: ids}, facts)
         return
     with pytest.raises(ConfigError) as err:
-        check_batches(cfg, {MAIN: ids})
+        check_batches(cfg, {MAIN: ids}, facts)
     msg = str(err.value)
     assert f"fold 0 has {n_train} training images" in msg
     assert "main.train.drop_last=true" in msg and "main.train.batch_size" in msg

@@ -8,26 +8,21 @@ import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from helpers import DEMO
+
 from biomass.config.load import load_experiment
-from biomass.constants import TARGET_WEIGHTS
 from biomass.data.scalers import Scaler
 from biomass.errors import ConfigError
-from biomass.metrics import r2_weighted_rows
 from biomass.weights import read_state_dict
 from biomass.models.backbones import TimmBackbone
-from biomass.models.spec import FeatureSpec
 from biomass.models.heads import FusionHead
 from biomass.engine.build import build_stage_model
 from biomass.models.model import TargetSpace
 from biomass.stages import AUX, MAIN
-from biomass.models.poolings import HybridTexturePooling
 from biomass.registry import BACKBONES, HEADS, LOSSES, POOLINGS, SCHEDULERS
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "experiments" / "demo.yaml"
 
 
 def test_registries_filled():
@@ -259,152 +254,6 @@ def test_unreadable_weights_file(tmp_path):
         BACKBONES.build("timm", (32, 32), model_name="test_vit", weights=path)
 
 
-# ------------------------------------------------------------------------------------------------------- poolings
-def _pool(name: str, spec: FeatureSpec) -> nn.Module:
-    return POOLINGS.get(name)(spec)
-
-
-def _expected_dim(name: str, spec: FeatureSpec) -> int:
-    if name == "multi_stat":
-        return 4 * spec.dim  # mean, max, min, GeM
-    return 2 * spec.grid[1] * spec.patch_size if name == "hybrid_texture" else spec.dim
-
-
-@pytest.mark.parametrize("name", POOLINGS.names())
-@pytest.mark.parametrize("prefix", [0, 1, 5])
-def test_pooling_shape_and_gradient(name, prefix):
-    spec = FeatureSpec(dim=8, num_prefix_tokens=prefix, patch_size=2, grid=(2, 3))
-    if name == "cls" and prefix == 0:
-        with pytest.raises(ConfigError, match="`cls` needs a backbone with a class token"):
-            _pool(name, spec)
-        return
-    torch.manual_seed(0)
-    pool = _pool(name, spec)
-    tokens = (torch.rand(3, prefix + 6, 8) + 0.1).requires_grad_(True)
-    out = pool(tokens)
-    assert out.shape == (3, pool.out_dim) and pool.out_dim == _expected_dim(name, spec)
-    assert torch.isfinite(out).all()
-    out.square().sum().backward()
-    assert tokens.grad is not None and tokens.grad.abs().sum() > 0
-    for p in pool.parameters():
-        if p.requires_grad:
-            assert p.grad is not None and torch.isfinite(p.grad).all()
-    # prefix tokens are read by `cls` only
-    changed = tokens.detach().clone()
-    changed[:, :prefix] += 5.0
-    if prefix and name != "cls":
-        assert torch.allclose(pool(changed), out.detach())
-    elif prefix:
-        assert not torch.allclose(pool(changed), out.detach())
-
-
-def test_gap_and_cls_values():
-    spec = FeatureSpec(dim=4, num_prefix_tokens=2, patch_size=16, grid=(1, 3))
-    tokens = torch.randn(2, 5, 4)
-    assert torch.allclose(POOLINGS.get("gap")(spec)(tokens), tokens[:, 2:].mean(dim=1))
-    assert torch.equal(POOLINGS.get("cls")(spec)(tokens), tokens[:, 0])
-
-
-def test_gem_values():
-    spec = FeatureSpec(dim=4, num_prefix_tokens=1, patch_size=16, grid=(2, 2))
-    tokens = torch.rand(2, 5, 4) + 0.05
-    gem3 = POOLINGS.build("gem", spec, p=3.0, learn_p=False)
-    expected = tokens[:, 1:].pow(3).mean(dim=1).pow(1 / 3)
-    assert torch.allclose(gem3(tokens), expected, atol=1e-6)
-    assert not gem3.p.requires_grad and POOLINGS.build("gem", spec).p.requires_grad
-    assert torch.allclose(POOLINGS.build("gem", spec, p=1.0)(tokens), POOLINGS.get("gap")(spec)(tokens), atol=1e-6)
-
-
-def test_gap_equals_timm_avg_pool_on_dinov3():
-    size = (32, 48)
-    torch.manual_seed(0)
-    bb = BACKBONES.build("timm", size, model_name="vit_small_patch16_dinov3").eval()
-    assert bb.spec.num_prefix_tokens == 5 and bb.model.global_pool == "avg"
-    pool = POOLINGS.get("gap")(bb.spec)
-    x = torch.randn(2, 3, *size)
-    with torch.no_grad():
-        ours = pool(bb(x))
-        theirs = bb.model.forward_head(bb.model.forward_features(x), pre_logits=True)
-        with_prefix = bb(x).mean(dim=1)
-    assert ours.shape == (2, 384)
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(ours, with_prefix, atol=1e-4)  # the comparison can tell prefix tokens apart
-
-
-def _hybrid_reference(tokens_proj: np.ndarray, gh: int, gw: int, p: int) -> np.ndarray:
-    """Per-column mean of the documented pixel map, built pixel by pixel: token (r, c) fills the p x p block at rows
-    r*p.., columns c*p..; within it, pixel (i, j) carries projection values [(i*p + j)*2 + k] for k in (0, 1) in
-    adjacent columns, so the map is (gh*p, gw*p*2)."""
-    b = tokens_proj.shape[0]
-    pix = np.zeros((b, gh * p, gw * p * 2))
-    for r in range(gh):
-        for c in range(gw):
-            vec = tokens_proj[:, r * gw + c]
-            for i in range(p):
-                for j in range(p):
-                    for k in range(2):
-                        pix[:, r * p + i, (c * p + j) * 2 + k] = vec[:, (i * p + j) * 2 + k]
-    return pix.mean(axis=1)
-
-
-@pytest.mark.parametrize("prefix", [0, 1, 5])
-@pytest.mark.parametrize("grid", [(2, 2), (2, 3), (3, 2), (1, 4)])
-def test_hybrid_texture_hand_built(prefix, grid):
-    gh, gw = grid
-    p = 2
-    spec = FeatureSpec(dim=1, num_prefix_tokens=prefix, patch_size=p, grid=grid)
-    pool = HybridTexturePooling(spec)
-    assert pool.out_dim == 2 * gw * p
-    bias = torch.arange(2 * p * p, dtype=torch.float32)
-    with torch.no_grad():
-        pool.projection.weight.zero_()
-        pool.projection.bias.copy_(bias)
-    tokens = torch.randn(2, prefix + gh * gw, 1)
-    out = pool(tokens).detach().numpy()
-    # constant projection: column (c, j, k) averages (i*p + j)*2 + k over i, for every grid column c
-    col = np.array([(p * (p - 1) / 2 + j) * 2 + k for j in range(p) for k in range(2)])
-    np.testing.assert_allclose(out, np.tile(np.tile(col, gw), (2, 1)), atol=1e-6)
-    # token-dependent projection: token (r, c) carries 10*r + c (prefix tokens a poison value)
-    with torch.no_grad():
-        pool.projection.weight.fill_(1.0)
-    values = torch.tensor([10.0 * r + c for r in range(gh) for c in range(gw)])
-    tokens = torch.cat([torch.full((prefix,), 1e6), values]).view(1, -1, 1).repeat(2, 1, 1)
-    tokens[1, prefix:] *= -1
-    out = pool(tokens).detach().numpy()
-    proj = (tokens[:, prefix:, 0:1] + bias).numpy()  # (B, gh*gw, 2p^2)
-    np.testing.assert_allclose(out, _hybrid_reference(proj, gh, gw, p), atol=1e-4)
-
-
-@pytest.mark.parametrize("prefix", [0, 1, 5])
-def test_hybrid_texture_random_projection_matches_reference(prefix):
-    spec = FeatureSpec(dim=6, num_prefix_tokens=prefix, patch_size=3, grid=(2, 5))
-    torch.manual_seed(1)
-    pool = HybridTexturePooling(spec)
-    tokens = torch.randn(2, prefix + 10, 6)
-    with torch.no_grad():
-        proj = pool.projection(tokens[:, prefix:]).numpy()
-        out = pool(tokens).numpy()
-    np.testing.assert_allclose(out, _hybrid_reference(proj, 2, 5, 3), atol=1e-5)
-
-
-@pytest.mark.parametrize("height, width", [(800, 800), (400, 800), (800, 480)])
-def test_hybrid_texture_out_dim_is_twice_the_width(height, width):
-    spec = FeatureSpec(dim=32, num_prefix_tokens=5, patch_size=16, grid=(height // 16, width // 16))
-    pool = POOLINGS.get("hybrid_texture")(spec)
-    assert pool.out_dim == 2 * width
-    with torch.no_grad():
-        out = pool(torch.randn(1, 5 + spec.grid[0] * spec.grid[1], 32))
-    assert out.shape == (1, 2 * width)
-    if (height, width) == (800, 800):
-        assert pool.out_dim == 1600
-
-
-def test_hybrid_texture_wrong_token_count():
-    pool = HybridTexturePooling(FeatureSpec(dim=4, num_prefix_tokens=1, patch_size=2, grid=(2, 3)))
-    with pytest.raises(ValueError, match="expected 2x3 patch tokens, got 5"):
-        pool(torch.randn(1, 6, 4))
-
-
 # ---------------------------------------------------------------------------------------------------------- heads
 def _fitted_space(log1p: bool = False, n: int = 60, seed: int = 0) -> tuple[TargetSpace, Scaler, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -502,174 +351,6 @@ def test_consistent_head_starts_at_the_component_means():
         pred = scaler.inverse(head(torch.randn(3, 8), torch.randn(3, 2)).double().numpy())
     expected = math.log(2.0) * grams.mean(axis=0)[:3]
     np.testing.assert_allclose(pred[:, :3], np.tile(expected, (3, 1)), rtol=1e-4)
-
-
-# --------------------------------------------------------------------------------------------------------- losses
-@pytest.mark.parametrize("name", LOSSES.names())
-@pytest.mark.parametrize("n_targets", [5, 2])
-def test_loss_finite_scalar_with_gradient(name, n_targets):
-    loss = LOSSES.build(name, n_targets)
-    if hasattr(loss, "bind"):  # interval bins come from the model's target space (build_stage_model binds it)
-        loss.bind(TargetSpace(n_targets, bins=loss.bins))
-    k = loss.outputs_per_target
-    torch.manual_seed(0)
-    raw = torch.randn(6, n_targets * k, requires_grad=True)
-    target = torch.randn(6, n_targets)
-    value = loss(raw, target)
-    assert value.ndim == 0 and torch.isfinite(value)
-    value.backward()
-    assert raw.grad is not None and torch.isfinite(raw.grad).all() and raw.grad.abs().sum() > 0
-    assert loss.point(raw).shape == (6, n_targets)
-    expected_w = TARGET_WEIGHTS if n_targets == 5 else (1.0,) * n_targets
-    assert torch.allclose(loss.weights, torch.tensor(expected_w))
-
-
-@pytest.mark.parametrize("name", LOSSES.names())
-def test_loss_weight_count_checked(name):
-    with pytest.raises(ConfigError, match="3 values for 5 targets"):
-        LOSSES.build(name, 5, weights=(1.0, 1.0, 1.0))
-
-
-@pytest.mark.parametrize("beta", [1.0, 0.5])
-def test_smooth_l1_equals_torch(beta):
-    pred, target = torch.randn(8, 5) * 2, torch.randn(8, 5)
-    loss = LOSSES.build("weighted_smooth_l1", 5, weights=(1.0,) * 5, beta=beta)
-    torch.testing.assert_close(loss(pred, target), F.smooth_l1_loss(pred, target, beta=beta))
-
-
-def test_mse_equals_torch():
-    pred, target = torch.randn(8, 2) * 2, torch.randn(8, 2)
-    torch.testing.assert_close(LOSSES.build("mse", 2, weights=(1.0, 1.0))(pred, target), F.mse_loss(pred, target))
-
-
-@pytest.mark.parametrize("name, elementwise", [
-    ("weighted_smooth_l1", lambda p, t: F.smooth_l1_loss(p, t, reduction="none")),
-    ("mse", lambda p, t: (p - t) ** 2),
-    ("log_cosh", lambda p, t: torch.log(torch.cosh(p - t))),
-])
-def test_weighting_is_mean_of_weighted_terms(name, elementwise):
-    torch.manual_seed(1)
-    pred, target = torch.randn(7, 5) * 2, torch.randn(7, 5)
-    w = torch.tensor([0.3, 0.0, 1.0, 2.0, 0.5])
-    got = LOSSES.build(name, 5, weights=tuple(w.tolist()))(pred, target)
-    torch.testing.assert_close(got, (elementwise(pred, target) * w).sum() / pred.numel())
-    default = LOSSES.build(name, 5)(pred, target)  # the metric's weights by default
-    torch.testing.assert_close(default, (elementwise(pred, target) * torch.tensor(TARGET_WEIGHTS)).mean())
-
-
-def test_log_cosh_matches_definition():
-    x = torch.linspace(-6, 6, 49).view(7, 7)
-    loss = LOSSES.build("log_cosh", 7, weights=(1.0,) * 7)
-    torch.testing.assert_close(loss.elementwise(x, torch.zeros_like(x)), torch.log(torch.cosh(x)), rtol=1e-5,
-                               atol=1e-6)
-    big = torch.tensor([[200.0, -300.0]])
-    value = LOSSES.build("log_cosh", 2)(big, torch.zeros_like(big))
-    assert torch.isfinite(value)  # torch.log(torch.cosh(300)) overflows; the stable form does not
-    torch.testing.assert_close(value, torch.tensor((200 + 300 - 2 * math.log(2)) / 2))
-
-
-def test_quantile_point_is_the_median_column():
-    loss = LOSSES.build("quantile", 5, quantiles=(0.1, 0.5, 0.9))
-    assert loss.outputs_per_target == 3
-    raw = torch.arange(2 * 15, dtype=torch.float32).view(2, 15)  # per target: (q0.1, q0.5, q0.9) side by side
-    assert torch.equal(loss.point(raw), raw[:, 1::3])
-    loss2 = LOSSES.build("quantile", 2, quantiles=(0.5, 0.25))
-    assert torch.equal(loss2.point(raw[:, :4]), raw[:, [0, 2]])
-
-
-def test_pinball_hand_computation():
-    qs = (0.1, 0.5, 0.9)
-    w = (1.0, 3.0)
-    loss = LOSSES.build("quantile", 2, weights=w, quantiles=qs)
-    raw = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.0, 4.0], [3.0, 3.0, 3.0, 0.5, 1.5, 2.5]])
-    target = torch.tensor([[1.5, 2.0], [1.0, 0.5]])
-    total = 0.0
-    for b in range(2):
-        for j in range(2):
-            per_q = []
-            for m, q in enumerate(qs):
-                d = float(target[b, j] - raw[b, j * 3 + m])
-                per_q.append(q * d if d >= 0 else (q - 1) * d)
-            total += w[j] * sum(per_q) / len(qs)
-    torch.testing.assert_close(loss(raw, target), torch.tensor(total / 4))
-
-
-def test_quantiles_must_include_the_median():
-    with pytest.raises(ConfigError, match="include 0.5"):
-        LOSSES.build("quantile", 5, quantiles=(0.1, 0.9))
-    with pytest.raises(ConfigError, match="lie in"):
-        LOSSES.build("quantile", 5, quantiles=(0.0, 0.5))
-
-
-@pytest.mark.parametrize("weights", [None, (1.0,) * 5, (0.5, 1.0, 0.1, 2.0, 0.3)])
-def test_r2_loss_is_one_minus_weighted_r2(weights):
-    torch.manual_seed(2)
-    target = torch.randn(9, 5) * 3
-    pred = target + torch.randn(9, 5)
-    loss = LOSSES.build("r2", 5, weights=weights)
-    w = np.broadcast_to(np.asarray(weights or TARGET_WEIGHTS), (9, 5))
-    expected = 1.0 - r2_weighted_rows(target.numpy(), pred.numpy(), w)
-    assert float(loss(pred, target)) == pytest.approx(expected, rel=1e-5)
-
-
-# ----------------------------------------------------------------------------------------------------- schedulers
-@pytest.mark.parametrize("name", SCHEDULERS.names())
-def test_scheduler_builds_and_steps(name):
-    param = nn.Parameter(torch.ones(3))
-    opt = torch.optim.AdamW([param], lr=1e-3)
-    sched = SCHEDULERS.build(name, opt, 10)  # a 10-epoch stage, 3 epochs in
-    for epoch in range(3):
-        opt.zero_grad()
-        param.square().sum().backward()
-        opt.step()
-        sched.step(1.0) if name == "plateau" else sched.step()
-    lr = opt.param_groups[0]["lr"]
-    assert 0 < lr <= 1e-3 and math.isfinite(lr)
-
-
-def test_plateau_reduces_on_a_flat_loss():
-    opt = torch.optim.AdamW([nn.Parameter(torch.ones(1))], lr=1e-3)
-    sched = SCHEDULERS.build("plateau", opt, 4, factor=0.5, patience=2)
-    for _ in range(4):
-        sched.step(1.0)
-    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
-
-
-def test_cosine_warm_restarts_reproduces_torch():
-    def lrs(make):
-        opt = torch.optim.AdamW([nn.Parameter(torch.ones(1))], lr=5e-5)
-        sched = make(opt)
-        out = []
-        for _ in range(20):
-            out.append(opt.param_groups[0]["lr"])
-            opt.step()
-            sched.step()
-        return out
-
-    ours = lrs(lambda o: SCHEDULERS.build("cosine_warm_restarts", o, 20))  # defaults are the seed's 10, 2, 1e-6
-    theirs = lrs(lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=10, T_mult=2, eta_min=1e-6))
-    assert ours == theirs
-    closed = [1e-6 + (5e-5 - 1e-6) * (1 + math.cos(math.pi * (e if e < 10 else e - 10) / (10 if e < 10 else 20))) / 2
-              for e in range(20)]
-    np.testing.assert_allclose(ours, closed, rtol=1e-9)
-
-
-def test_cosine_spans_the_stage_epochs():
-    # one cycle over train.epochs: the same per-epoch lrs as warm restarts with T_0 = epochs, T_mult = 1
-    def lrs(make, epochs=12):
-        opt = torch.optim.AdamW([nn.Parameter(torch.ones(1))], lr=3e-3)
-        sched = make(opt)
-        out = []
-        for _ in range(epochs):
-            out.append(opt.param_groups[0]["lr"])
-            opt.step()
-            sched.step()
-        return out
-
-    ours = lrs(lambda o: SCHEDULERS.build("cosine", o, 12, eta_min=1e-5))
-    restarts = lrs(lambda o: SCHEDULERS.build("cosine_warm_restarts", o, 12, T_0=12, T_mult=1, eta_min=1e-5))
-    np.testing.assert_allclose(ours, restarts, rtol=1e-9)
-    assert ours[0] == 3e-3 and ours[-1] < ours[len(ours) // 2] < ours[0]
 
 
 # ---------------------------------------------------------------------------------------------------- build_model

@@ -4,23 +4,19 @@ a real sweep killed with SIGKILL and resumed ends with the table of one never ki
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from helpers import DEMO, REPO, FakeExecutor
+from helpers import DEMO, REPO, FakeExecutor, only_folder
 
 import biomass.ablate.sweep as sweep
 from biomass.ablate.__main__ import main
 from biomass.ablate.executors import local_slots, with_port
 from biomass.ablate.spec import load_ablation
-from biomass.ablate.tracking_server import TrackingServer, session_processes
+from biomass.tracking.server import TrackingServer, session_processes
 from biomass.errors import BiomassError, ConfigError, run_cli
 
 LOSSES, LOG_TARGETS = REPO / "ablations" / "losses.yaml", REPO / "ablations" / "log_targets.yaml"
@@ -64,11 +60,6 @@ def test_local_slots_split_devices_threads_and_ports():
     assert with_port(cmd, 29555)[3:6] == ["--main_process_port", "29555", "--cpu"]
 
 
-def _sweep_dir(root: Path) -> Path:
-    (path,) = root.iterdir()
-    return path
-
-
 def test_resume_reuses_completed_continues_interrupted_and_retries_failed(tmp_path, monkeypatch, data):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
     monkeypatch.chdir(tmp_path)
@@ -77,7 +68,7 @@ def test_resume_reuses_completed_continues_interrupted_and_retries_failed(tmp_pa
     over = [f"data.root={data}", "aux=null"]
     assert sweep.run_sweep([LOSSES, LOG_TARGETS], DEMO, over, 1, tmp_path / "runs") == 0
     assert len(fake.calls) == 6 and sum(c["variant"] == "baseline" for c in fake.calls) == 1  # baseline once
-    root = _sweep_dir(tmp_path / "runs")
+    root = only_folder(tmp_path / "runs")
     table = pd.read_csv(root / "losses" / "comparison.csv")
     keys = json.loads((root / "losses" / "summary.json").read_text())["children"]
     assert json.loads((root / "log_targets" / "summary.json").read_text())["children"]["baseline.seed0"] == \
@@ -124,7 +115,7 @@ def test_report_cli_rewrites_the_graveyard(tmp_path, monkeypatch, data, capsys):
     monkeypatch.setattr(sweep, "make_executor", lambda *a: FakeExecutor(data, {"log1p": 1.0}))
     sweep.run_sweep([LOG_TARGETS], DEMO, [f"data.root={data}", "aux=null", "tracking.mlflow=false"], 2,
                     tmp_path / "runs")
-    root = _sweep_dir(tmp_path / "runs")
+    root = only_folder(tmp_path / "runs")
     (root / "graveyard.md").unlink()
     assert main(["report", str(root)]) == 0
     text = (root / "graveyard.md").read_text()
@@ -180,44 +171,3 @@ def test_tracking_server_stops_with_every_process(tmp_path):
     server.stop()
     assert session_processes(sid) == []
     assert not server.healthy()
-
-
-# ---------------------------------------------------------------------------------------------------- real runs
-TINY = ["main.image.size=[32,32]", "main.train.epochs=2", "main.train.batch_size=4", "data.num_workers=0",
-        "main.model.backbone.model_name=resnet10t", "aux=null", "main.folds.splitter.n_splits=2"]
-
-
-def _ablate(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'm.db'}", "PYTHONPATH": str(REPO), "CI": "1"}
-    return subprocess.Popen([sys.executable, "-m", "biomass.ablate", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-@pytest.mark.slow
-def test_sweep_killed_and_resumed_ends_with_the_same_table(tmp_path, data):
-    """Two sweeps of the same tiny ablation (baseline + log1p, 2 seeds, --parallel 2): one runs through; the other is
-    killed with SIGKILL once a child has completed and a second is training, then resumed. Same scores."""
-    args = [str(LOG_TARGETS), "--base", str(DEMO), f"data.root={data}", *TINY, "--seeds", "2", "--parallel", "2"]
-    clean = _ablate([*args, "--runs-dir", str(tmp_path / "clean")], tmp_path)
-    out = clean.communicate(timeout=900)[0]
-    assert clean.returncode == 0, out[-3000:]
-    killed = _ablate([*args, "--runs-dir", str(tmp_path / "killed")], tmp_path)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        runs = list((tmp_path / "killed").glob("*/children/*/run/run.json"))
-        done = [r for r in runs if json.loads(r.read_text()).get("status") == "completed"]
-        if done and len(runs) > len(done):
-            break
-        time.sleep(0.5)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    root = _sweep_dir(tmp_path / "killed")
-    assert not (root / "log_targets" / "comparison.csv").exists()
-    resumed = _ablate(["--resume", str(root), "--parallel", "2"], tmp_path)
-    out = resumed.communicate(timeout=900)[0]
-    assert resumed.returncode == 0, out[-3000:]
-    assert "already completed" in out
-    a = pd.read_csv(_sweep_dir(tmp_path / "clean") / "log_targets" / "comparison.csv")
-    b = pd.read_csv(root / "log_targets" / "comparison.csv")
-    for col in ("variant", "score", "oracle", "delta_oracle", "ci_lo", "ci_hi", "verdict"):
-        pd.testing.assert_series_equal(a[col], b[col], check_exact=False, atol=1e-6)

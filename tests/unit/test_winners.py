@@ -3,16 +3,16 @@ ratio and interval heads, EMA, layer-wise LR decay, frozen-head warm-up, LoRA/Do
 post-processing steps. Each is built here on timm's tiny random-init models."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
 import biomass.components  # noqa: F401
+from helpers import DEMO, REPO
+
 from biomass.config.load import load_experiment
 from biomass.data.scalers import Scaler
 from biomass.engine.build import build_stage_model
@@ -21,8 +21,6 @@ from biomass.models.model import TargetSpace
 from biomass.registry import BACKBONES, FUSIONS, HEADS, LOSSES, POOLINGS, SPLITTERS
 from biomass.stages import MAIN
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "experiments" / "demo.yaml"
 VIT = "{name: timm, model_name: test_vit, freeze_fraction: 0.0}"
 
 
@@ -33,7 +31,7 @@ def main_stage(*overrides: str, size=(32, 32)):
 
 
 def fitted(model, n=40, seed=0):
-    """Fit the model's target space on random grams, as fit_fold does."""
+    """Fit the model's target space on random grams, as FoldTrainer.fit does."""
     rng = np.random.default_rng(seed)
     y = np.abs(rng.normal(20, 10, size=(n, 5)))
     y[:, 3] = y[:, 0] + y[:, 2]
@@ -225,40 +223,6 @@ def test_peft_adapters_on_the_last_blocks_only(method):
         BACKBONES.build("timm", (32, 32), model_name="test_vit", peft={"targets": ["nope"]})
     with pytest.raises(ConfigError, match="peft freezes"):
         BACKBONES.build("timm", (32, 32), model_name="test_vit", peft={}, freeze_fraction=0.5)
-
-
-def test_winners_components_train_together_and_infer(synthetic_root, tmp_path, monkeypatch):
-    """test_vit on halves + cross-view attention, three blocks pooled by multi_stat, the ratio head, LoRA on a base
-    weights file, EMA, LLRD and a one-epoch head warm-up: trains on the tiny rendered demo, and the deployable CV
-    (biomass.chain) rebuilds each fold model from its partial checkpoint plus the base weights."""
-    from safetensors.torch import load_file, save_file
-
-    from helpers import train
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    torch.manual_seed(0)
-    base = tmp_path / "test_vit.safetensors"
-    save_file({k: v.contiguous() for k, v in timm.create_model("test_vit", num_classes=0, img_size=(32, 32))
-               .state_dict().items()}, str(base))
-    backbone = (f"{{name: timm, model_name: test_vit, weights: {base}, out_indices: [-3, -2, -1], "
-                "peft: {method: lora, r: 2, alpha: 4, blocks: 2}}")
-    run = train(tmp_path / "run", synthetic_root,
-                "main.image.layout=halves", f"main.model.backbone={backbone}",
-                "main.model.fusion={name: cross_attention, heads: 4}", "main.model.pooling={name: multi_stat}",
-                "main.model.head={name: ratio}", "main.train.ema={decay: 0.9}", "main.train.warmup_frozen_epochs=1",
-                "main.optim={name: adamw, lr: 1.0e-3, weight_decay: 1.0e-4, layer_decay: 0.8}",
-                "main.folds.splitter={name: kfold, n_splits: 2, seed: 0}",
-                "aux.folds.splitter={name: kfold, n_splits: 2, seed: 0}", "aux.init_from=null",
-                "infer.post=[mass_balance, {clover_scale: 0.8}]")
-    import json
-
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert np.isfinite(metrics["cv/weighted_r2_deployable"])
-    state = load_file(str(run / "main" / "fold0" / "best.safetensors"))
-    meta = json.loads((run / "main" / "fold0" / "best.json").read_text())
-    assert meta["base_weights"]["path"] == str(base)
-    assert any(".lora_" in k for k in state) and "head.inner.outputs.0.weight" in state
-    assert not any(k.startswith("backbone.model.blocks.0.") for k in state)  # frozen base weights stay in the file
 
 
 # ------------------------------------------------------------------------------------------------------ 6. folds

@@ -1,8 +1,16 @@
-"""MLflow tracking, main process only. Tracking URI from MLFLOW_TRACKING_URI, else MLflow's default.
+"""Everything MLflow, in one package: the training run's tracker (here), the sweep and ablation parent runs
+(`tracking.runs`) and the tracking server a parallel sweep starts (`tracking.server`). `mlflow` is imported inside
+functions only, so that importing biomass never needs it.
+
+The store: MLFLOW_TRACKING_URI, else MLflow's default. Whoever creates or first opens a store (a run, a sweep, a
+report, a tracking server) does it through `open_client` / under `store_lock`, one process at a time, and every
+experiment biomass creates is tagged `mlflow.experimentKind: custom_model_development`, so MLflow 3's UI opens it in
+its model-training view (not the GenAI pages).
 
 One run per invocation (params: the flattened resolved config; tags: git commit, dirty flag, experiment file), one
 nested child run per stage and fold. Metric names are stable across runs: `train/loss`, `val/loss`,
-`val/weighted_r2`, `lr` per epoch; `fold/weighted_r2` per fold; `cv/weighted_r2`, `cv/<target>_r2` at the end.
+`val/weighted_r2`, `lr` per epoch; `fold/weighted_r2` per fold; `cv/weighted_r2`, `cv/<target>_r2` at the end
+(docs/TRACKING.md).
 """
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ import contextlib
 import logging
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,25 +69,62 @@ def check_store(uri: str) -> None:
         require_writable(Path(folder), f"MLflow store {uri} (MLFLOW_TRACKING_URI):")
 
 
+_held: dict[Path, list] = {}  # database -> [reentrant thread lock, depth]: nested store_lock calls in one process
+
+
 @contextlib.contextmanager
 def store_lock(uri: str) -> Iterator[None]:
-    """Serialise the first use of a SQLite store between processes: MLflow creates and migrates the schema on first
-    connection, and two processes doing so at once make one of them fail inside alembic. An exclusive `fcntl` lock
-    on `<db>.lock` next to the database; other stores need none."""
+    """Serialise the creation and first use of a SQLite store between processes: MLflow creates and migrates the
+    schema on first connection, and two processes doing so at once make one of them fail inside alembic. An exclusive
+    `fcntl` lock on `<db>.lock` next to the database; reentrant within a process (a sweep holds it while its server
+    starts and opens a client); other stores need none."""
     db = sqlite_file(uri)
     if db is None:
         yield
         return
     import fcntl
 
-    db.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    db = db.absolute()
+    entry = _held.setdefault(db, [threading.RLock(), 0])
+    with entry[0]:
+        entry[1] += 1
+        fd = None
+        try:
+            if entry[1] == 1:
+                db.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            entry[1] -= 1
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+
+
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3's UI: the model-training view
+
+
+def open_client(uri: str):
+    """An MlflowClient of the store at `uri`, made under the store lock: constructing one creates and migrates a new
+    store, which two processes must not do at once."""
+    from mlflow.tracking import MlflowClient
+
+    with store_lock(uri):
+        return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of experiment `name`, created (under the store lock) with the experiment-kind tag when missing; an
+    existing one without the tag gets it."""
+    with store_lock(client.tracking_uri):
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            return client.create_experiment(name, tags=EXPERIMENT_KIND)
+        for key, value in EXPERIMENT_KIND.items():
+            if found.tags.get(key) != value:
+                client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
 
 
 class Tracker:
@@ -99,9 +145,8 @@ class Tracker:
             return None
         mlflow = self.mlflow
         uri = mlflow.get_tracking_uri()
-        try:
-            with store_lock(uri):  # the store's creation and the experiment's, one process at a time
-                mlflow.set_experiment(experiment)
+        try:  # the store's creation and the experiment's, one process at a time
+            mlflow.set_experiment(experiment_id=experiment_id(open_client(uri), experiment))
         except Exception as err:  # noqa: BLE001 - an unreachable server, a damaged database
             raise BiomassError(f"MLflow tracking at {uri}: cannot open the store "
                                f"({' '.join(str(err).split())[:300]}); set tracking.mlflow=false to train "
@@ -120,12 +165,14 @@ class Tracker:
 
     def child(self, name: str, tags: dict[str, str] | None = None, run_id: str | None = None):
         if not self.enabled:
-            import contextlib
-
             return contextlib.nullcontext()
         if run_id:  # resume: continue the fold's child run
             return self.mlflow.start_run(run_id=run_id, nested=True)
         return self.mlflow.start_run(run_name=name, nested=True, tags=tags or {})
+
+    def active_run_id(self) -> str | None:
+        run = self.mlflow.active_run() if self.enabled else None
+        return run.info.run_id if run is not None else None
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         if self.enabled:
@@ -139,29 +186,3 @@ class Tracker:
         if self.enabled and self.mlflow.active_run() is not None:
             while self.mlflow.active_run() is not None:
                 self.mlflow.end_run(status=status)
-
-
-def scatter_plot(y_true, y_pred, names, path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2))
-    for j, (ax, name) in enumerate(zip(np.atleast_1d(axes), names)):
-        y, p = y_true[:, j], y_pred[:, j]
-        ok = ~np.isnan(p)
-        ax.scatter(y[ok], p[ok], s=8, alpha=0.6)
-        hi = float(max(y[ok].max(initial=1), p[ok].max(initial=1)))
-        ax.plot([0, hi], [0, hi], "k--", lw=0.8)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("true (g)")
-        ax.set_ylabel("predicted (g)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-

@@ -1,4 +1,4 @@
-"""An `mlflow server` over a local store for the lifetime of a parallel sweep.
+"""An `mlflow server` over a local store for the lifetime of a parallel sweep (part of biomass.tracking).
 
 SQLite takes one writer at a time: children logging straight into `sqlite:///mlflow.db` at once fail with "database is
 locked" and lose metrics. A parallel sweep over a local store (sqlite or a folder) therefore starts one server on
@@ -74,6 +74,14 @@ class TrackingServer:
         self.url = ""
 
     def start(self) -> str:
+        """Start the server and wait until it answers; under the store lock, since the server creates and migrates
+        a new store as it starts (two sweeps starting together on one fresh store take turns)."""
+        from biomass.tracking import store_lock
+
+        with store_lock(self.store_uri):
+            return self._start()
+
+    def _start(self) -> str:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.store_uri,
