@@ -13,7 +13,8 @@ from helpers import DEMO, GOLD, TINY, TINY_MAIN_ONLY
 
 @pytest.fixture(scope="session")
 def demo() -> Path:
-    """experiments/demo.yaml: gold's structure on the synthetic data, scaled for a CPU."""
+    """experiments/demo.yaml with the random-init CNN it had before it became pretrained (tests/configs/): gold's
+    structure on the synthetic data, scaled for a CPU and for seconds of training."""
     return DEMO
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "experiments" / "demo.yaml"
+# The tests' base: experiments/demo.yaml with the random-init 128 px CNN it trained before it became pretrained
+# (tests check code paths, not accuracy). DEMO_FILE is the shipped demo itself (its own tests, and
+# tests/system/test_versus_baselines.py, which trains it).
+DEMO = REPO / "tests" / "configs" / "demo_random_init.yaml"
+DEMO_FILE = REPO / "experiments" / "demo.yaml"
 GOLD = REPO / "experiments" / "gold.yaml"
 TINY = ["main.image.size=[32,32]", "aux.image.size=[32,32]", "main.train.epochs=2", "aux.train.epochs=1",
         "main.train.batch_size=4", "aux.train.batch_size=4", "data.num_workers=0",

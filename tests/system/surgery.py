@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "experiments" / "demo.yaml"
+DEMO = REPO / "tests" / "configs" / "demo_random_init.yaml"  # helpers.DEMO: the random-init base
 SMALL = ["main.model.backbone.model_name=resnet10t", "aux.model.backbone.model_name=resnet10t"]
 
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import DEMO
 import torch
 
 from biomass.bench import memory
@@ -19,7 +20,7 @@ TOLERANCE_BF16 = 0.25  # 25 %
 
 def demo_stage(size: int = 96, freeze: float = 0.5, model: str = "test_vit", aux: bool = False, *extra: str):
     """The demo profile's main (or aux) stage on a small timm ViT; freeze 0.5 as gold (frozen patch embedding)."""
-    cfg = load_experiment(EXPERIMENTS / "demo.yaml", [
+    cfg = load_experiment(DEMO, [
         f"main.model.backbone.model_name={model}", f"main.image.size=[{size},{size}]",
         f"main.model.backbone.freeze_fraction={freeze}", *([] if aux else ["aux=null"]), *extra]).config
     return cfg
