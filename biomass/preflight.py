@@ -154,6 +154,8 @@ def check_inputs(cfg: ExperimentConfig, root_from_cli: bool) -> None:
     `--dry-run` and by a sweep for each of its variants."""
     if not cfg.data.root.is_dir() and (cfg.data.demo is None or root_from_cli):
         raise ConfigError(f"data.root: {cfg.data.root} does not exist (or is not a directory)")
+    from biomass.weights import weights_file
+
     for stage in configured(cfg):
         weights = stage.config(cfg).model.backbone.get("weights")
         if weights and not weights_file(weights).is_file():

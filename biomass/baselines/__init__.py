@@ -21,6 +21,7 @@ from sklearn.linear_model import RidgeCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from biomass.baselines.common import long_submission
 from biomass.constants import TARGETS
 from biomass.data.table import read_test, read_train
 from biomass.errors import BiomassError, DataError
@@ -47,13 +48,6 @@ def fit_predict(root: Path, train_csv: str = "train.csv", test_csv: str = "test.
     model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 25)))
     model.fit(x, train[list(TARGETS)].to_numpy())
     return long_submission(rows, images, np.clip(model.predict(xt), 0, None))
-
-
-def long_submission(rows: pd.DataFrame, images: pd.DataFrame, pred: np.ndarray) -> pd.DataFrame:
-    """Per-image predictions (images x TARGETS) as Kaggle's long submission for test.csv's rows."""
-    by_image = {p: dict(zip(TARGETS, row)) for p, row in zip(images["image_path"], pred)}
-    return pd.DataFrame({"sample_id": rows["sample_id"],
-                         "target": [by_image[p][t] for p, t in zip(rows["image_path"], rows["target_name"])]})
 
 
 def versus_baselines(experiment: Path, work: Path, data: Path | None = None, n_train: int = 96, n_test: int = 96,

@@ -39,14 +39,13 @@ def probe_features(cfg, root: Path, image_paths: list[str], batch_size: int = 16
     """(n, d) pooled features of the experiment's main-stage backbone (weights loaded, eval mode)."""
     import torch
 
-    from biomass.chain import ChainSettings
     from biomass.data.source import ImageSet
     from biomass.data.table import check_images, read_crops
     from biomass.engine.build import build_stage_model
     from biomass.stages import MAIN
 
     stage = cfg.main
-    crop = ChainSettings.of(cfg).crops(stage)
+    crop = MAIN.crops(cfg, training=False)  # framed as the chain frames the main stage's images
     sizes = check_images(root, image_paths, cfg.data.check_images)
     boxes = read_crops(root / cfg.data.crops, sizes) if crop else {}
     reader = ImageSet(root, list(image_paths), sizes, boxes).reader(stage.image.size, crop, stage.image.layout,
@@ -64,7 +63,7 @@ def probe_features(cfg, root: Path, image_paths: list[str], batch_size: int = 16
 
 def fit_predict_probe(experiment: Path, root: Path, overrides: tuple[str, ...] = ()) -> pd.DataFrame:
     """The probe fitted on `root`/train.csv, its submission for `root`/test.csv (Kaggle's long format)."""
-    from biomass.baselines import long_submission
+    from biomass.baselines.common import long_submission
     from biomass.config.load import load_experiment
     from biomass.constants import TARGETS
     from biomass.data.table import read_test, read_train

@@ -142,21 +142,25 @@ def kaggle_layout(root: Path, n: int, photos: list[Path]) -> Path:
 
 
 def fold_load_seconds(run_dir: Path) -> dict[str, float]:
-    """Seconds to build and load one fold model of each stage as the chain does (biomass.chain.load_fold_model),
-    to the device, in the config's inference dtype."""
+    """Seconds to build and load one fold model of each stage as the chain does (biomass.chain.Chain.load), to the
+    device, in the config's inference dtype."""
     import torch
+    from accelerate import Accelerator
 
-    from biomass.chain import load_fold_model
+    from biomass.chain import Chain
     from biomass.rundir import RunDir
     from biomass.stages import STAGES
 
     run = RunDir(run_dir)
     cfg = run.completed()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = cfg.model_copy(deep=True)
+    cfg.infer.ttt = None  # loading a fold model does not involve test-time training
+    chain = Chain(Accelerator(cpu=device.type == "cpu"), run, cfg)
     out = {}
     for stage in STAGES:
         start = time.perf_counter()
-        fm = load_fold_model(run, stage, stage.config(cfg), 0, device, getattr(torch, cfg.infer.weights_dtype))
+        fm = chain.load(stage, 0, getattr(torch, cfg.infer.weights_dtype))
         if device.type == "cuda":
             torch.cuda.synchronize()
         out[stage.name] = time.perf_counter() - start

@@ -14,6 +14,7 @@ from biomass.baselines import versus_baselines
 
 REPO = Path(__file__).resolve().parents[2]
 OVER_PROBE = 0.02  # fine-tuning must beat its own linear probe, not merely match it
+OVER_RIDGE = 0.02  # and the colour ridge (on this split the probe at the demo's input scores below the ridge)
 
 
 @pytest.mark.slow
@@ -23,4 +24,4 @@ def test_pretrained_demo_beats_its_linear_probe_and_the_colour_ridge_on_unseen_d
                               width=2000, height=1000)
     assert result["test_rows"] == 96 * 5
     assert result["margin_probe"] >= OVER_PROBE, result
-    assert result["margin_ridge"] > result["margin_probe"], result
+    assert result["margin_ridge"] >= OVER_RIDGE, result

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import DEMO, GOLD, REPO
+from helpers import DEMO, DEMO_FILE, GOLD, REPO
 
 from biomass.ablate.__main__ import main
 from biomass.ablate.report import RunResult, summarise
@@ -143,7 +143,7 @@ def test_cli_dry_run_of_the_demo_rebase():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert 'main.loss.name: "weighted_smooth_l1" -> "quantile"' in proc.stdout
-    assert str(DEMO) in proc.stdout
+    assert str(DEMO_FILE) in proc.stdout
 
 
 def _write(tmp_path: Path, body: dict) -> Path:

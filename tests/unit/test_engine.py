@@ -12,7 +12,7 @@ from biomass.engine.build import build_stage_model, make_optimizer, make_schedul
 from biomass.errors import ConfigError
 from biomass.losses import weighted_smooth_l1
 from biomass.stages import AUX, MAIN
-from helpers import DEMO
+from helpers import DEMO, GOLD
 
 
 def cfg(*overrides: str):
@@ -46,7 +46,7 @@ def test_validation_loss_batch_mean_weighs_the_last_batch_as_a_full_one():
 
 
 def test_gold_validates_as_the_seed():
-    gold = load_experiment(DEMO.parent / "gold.yaml", ["data.root=/nowhere"]).config
+    gold = load_experiment(GOLD, ["data.root=/nowhere"]).config
     assert gold.main.train.val_loss_mean == gold.aux.train.val_loss_mean == "batch"
     assert (gold.main.train.eval_batch_size, gold.aux.train.eval_batch_size) == (10, 8)
     assert gold.aux.train.patience == 8 and gold.main.train.patience == 15
