@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm
 import torch
 
 from biomass.models.backbones import frozen_prefix
@@ -128,3 +129,30 @@ def test_under_torch_compile(backend):
     on, off = build(VIT, freeze_blocks=2), build(VIT, False, freeze_blocks=2)
     assert_same(step(on, torch.compile(on, backend=backend)), step(off, torch.compile(off, backend=backend)))
     assert torch.is_grad_enabled()
+
+
+def test_freeze_fraction_follows_named_parameters_order_for_cnns():
+    names = [n for n, _ in timm.create_model("test_resnet", num_classes=0).named_parameters()]
+    bb = BACKBONES.build("timm", (32, 32), model_name="test_resnet", freeze_fraction=0.5)
+    params = dict(bb.model.named_parameters())
+    half = len(names) // 2
+    # the first half is frozen: a parameter that no longer trains, or a frozen BatchNorm's buffer now
+    assert all(n not in params or not params[n].requires_grad for n in names[:half])
+    assert any(n not in params for n in names[:half])  # whole BatchNorm layers froze (FrozenBatchNorm2d)
+    assert all(params[n].requires_grad for n in names[half:])
+
+
+def test_a_frozen_cnn_half_keeps_its_batchnorm_statistics():
+    # freeze_fraction freezes parameters; a BatchNorm in train mode would still move its running statistics
+    torch.manual_seed(0)
+    bb = BACKBONES.build("timm", (32, 32), model_name="test_resnet", freeze_fraction=0.5)
+    bb.train()
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    bb(torch.randn(4, 3, 32, 32) * 3 + 1)
+    moved = {k for k, v in bb.state_dict().items() if not torch.equal(v, before[k])}
+    bn = {n: m for n, m in bb.named_modules() if "BatchNorm" in type(m).__name__}
+    frozen = [n for n, m in bn.items() if "Frozen" in type(m).__name__]
+    trainable = [n for n in bn if n not in frozen]
+    assert frozen and trainable
+    assert not [k for k in moved if any(k.startswith(f"{n}.") for n in frozen)], moved
+    assert all(f"{n}.running_mean" in moved for n in trainable)
