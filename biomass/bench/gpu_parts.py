@@ -145,9 +145,9 @@ def fold_load_seconds(run_dir: Path) -> dict[str, float]:
     """Seconds to build and load one fold model of each stage as the chain does (biomass.chain.Chain.load), to the
     device, in the config's inference dtype."""
     import torch
-    from accelerate import Accelerator
 
     from biomass.chain import Chain
+    from biomass.engine.build import make_accelerator
     from biomass.rundir import RunDir
     from biomass.stages import STAGES
 
@@ -156,7 +156,7 @@ def fold_load_seconds(run_dir: Path) -> dict[str, float]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = cfg.model_copy(deep=True)
     cfg.infer.ttt = None  # loading a fold model does not involve test-time training
-    chain = Chain(Accelerator(cpu=device.type == "cpu"), run, cfg)
+    chain = Chain(make_accelerator(cfg), run, cfg)  # the accelerator the submission's chain uses, too
     out = {}
     for stage in STAGES:
         start = time.perf_counter()
