@@ -233,9 +233,3 @@ def add_adapters(model: nn.Module, method: str = "lora", r: int = 8, alpha: floa
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
                         use_dora=method == "dora", bias="none")
     return get_peft_model(model, config).get_base_model()
-
-
-def is_adapter_key(name: str) -> bool:
-    """A state-dict key of a peft adapter tensor (LoRA A/B, DoRA magnitude)."""
-    return ".lora_" in name
-
