@@ -47,7 +47,7 @@ def fit_predict(root: Path, train_csv: str = "train.csv", test_csv: str = "test.
     xt = np.stack([colour_features(root / p) for p in images["image_path"]])
     model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 25)))
     model.fit(x, train[list(TARGETS)].to_numpy())
-    return long_submission(rows, images, np.clip(model.predict(xt), 0, None))
+    return long_submission(rows, images["image_path"], np.clip(model.predict(xt), 0, None))
 
 
 def versus_baselines(experiment: Path, work: Path, data: Path | None = None, n_train: int = 96, n_test: int = 96,

@@ -35,44 +35,35 @@ def fit_ridge(x: np.ndarray, y: np.ndarray):
     return search.fit(x, y)
 
 
-def probe_features(cfg, root: Path, image_paths: list[str], batch_size: int = 16) -> np.ndarray:
-    """(n, d) pooled features of the experiment's main-stage backbone (weights loaded, eval mode)."""
+def probe_features(model, reader, n: int, batch_size: int = 16) -> np.ndarray:
+    """(n, d) pooled features of images 0..n-1 of `reader` through `model` (a stage model in eval mode)."""
     import torch
 
-    from biomass.data.source import ImageSet
-    from biomass.data.table import check_images, read_crops
-    from biomass.engine.build import build_stage_model
-    from biomass.stages import MAIN
-
-    stage = cfg.main
-    crop = MAIN.crops(cfg, training=False)  # framed as the chain frames the main stage's images
-    sizes = check_images(root, image_paths, cfg.data.check_images)
-    boxes = read_crops(root / cfg.data.crops, sizes) if crop else {}
-    reader = ImageSet(root, list(image_paths), sizes, boxes).reader(stage.image.size, crop, stage.image.layout,
-                                                                    None)
-    model, _ = build_stage_model(MAIN, stage)
-    model.eval()
     out = []
     with torch.inference_mode():
-        for start in range(0, len(image_paths), batch_size):
-            idx = range(start, min(start + batch_size, len(image_paths)))
-            images = torch.from_numpy(np.stack([reader(i) for i in idx])).permute(0, 3, 1, 2)
-            out.append(model.features(images).float().numpy())
+        for start in range(0, n, batch_size):
+            images = torch.from_numpy(np.stack([reader(i) for i in range(start, min(start + batch_size, n))]))
+            out.append(model.features(images.permute(0, 3, 1, 2)).float().numpy())
     return np.concatenate(out)
 
 
 def fit_predict_probe(experiment: Path, root: Path, overrides: tuple[str, ...] = ()) -> pd.DataFrame:
-    """The probe fitted on `root`/train.csv, its submission for `root`/test.csv (Kaggle's long format)."""
+    """The probe fitted on `root`/train.csv, its submission for `root`/test.csv (Kaggle's long format). Tables,
+    images and crop boxes are read and checked as a run and inference read them; images are framed as the chain
+    frames the main stage's."""
     from biomass.baselines.common import long_submission
+    from biomass.chain import needs_boxes
     from biomass.config.load import load_experiment
     from biomass.constants import TARGETS
-    from biomass.data.table import read_test, read_train
+    from biomass.data.source import load_test_images, load_train_data
+    from biomass.engine.build import build_stage_model
+    from biomass.stages import MAIN
 
     cfg = load_experiment(experiment, [f"data.root={root}", *overrides]).config
-    root = Path(root)
-    train = read_train(root, cfg.data.train_csv, cfg.data.allow_outside_root)
-    rows, images = read_test(root, cfg.data.test_csv, cfg.data.allow_outside_root)
-    x = probe_features(cfg, root, list(train["image_path"]))
-    xt = probe_features(cfg, root, list(images["image_path"]))
-    model = fit_ridge(x, train[list(TARGETS)].to_numpy())
-    return long_submission(rows, images, np.clip(model.predict(xt), 0, None))
+    train = load_train_data(cfg)
+    rows, test = load_test_images(cfg, Path(root), needs_boxes(cfg))
+    model = build_stage_model(MAIN, cfg.main)[0].eval()  # the backbone with its weights file; built once
+    x = probe_features(model, train.images.stage_reader(cfg, MAIN, training=False), len(train.images))
+    xt = probe_features(model, test.stage_reader(cfg, MAIN, training=False), len(test))
+    ridge = fit_ridge(x, train.table[list(TARGETS)].to_numpy())
+    return long_submission(rows, test.image_paths, np.clip(ridge.predict(xt), 0, None))

@@ -20,6 +20,7 @@ import pandas as pd
 
 from biomass.constants import TABULAR, TARGETS
 from biomass.data.cardboard import EDGES, box_iou, detect_crops
+from biomass.data.synthetic.render import frame_shadow
 from biomass.errors import ConfigError
 
 # (hue degrees, saturation, value) ranges of each kind of board
@@ -66,15 +67,7 @@ def _paint_board(rng: np.random.Generator, img: np.ndarray, box: tuple[int, int,
     inside[y0:y1, x0:x1] = True
     img[~inside] = np.clip(board[~inside], 0, 255).astype(np.uint8)
     if shadow:  # the frame's shadow: a dark line on the board along the pasture box
-        t, dark = max(1, round(0.004 * min(width, height))), np.zeros((height, width), bool)
-        if x0 > 0:
-            dark[y0:y1, max(0, x0 - t):x0] = True
-        if x1 < width:
-            dark[y0:y1, x1:x1 + t] = True
-        if y0 > 0:
-            dark[max(0, y0 - t):y0, max(0, x0 - t):x1 + t] = True
-        if y1 < height:
-            dark[y1:y1 + t, max(0, x0 - t):x1 + t] = True
+        dark = frame_shadow(box, height, width, max(1, round(0.004 * min(width, height))))
         img[dark] = (img[dark] * rng.uniform(0.4, 0.7)).astype(np.uint8)
 
 

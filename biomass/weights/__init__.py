@@ -192,11 +192,12 @@ def to_timm_layout(state: dict[str, torch.Tensor], model: nn.Module, model_name:
     """The state dict in the model's naming: wrapper prefixes stripped, or, where that leaves keys unmatched,
     converted by timm's filter for the architecture (its original release layout); whichever fits better."""
     expected = dict(model.state_dict())
-    best = match(strip_wrappers(state, set(expected)), expected)
+    plain = strip_wrappers(state, set(expected))
+    best = match(plain, expected)
     convert = timm_filter(model_name) if best.faults else None
     if convert is not None:
         try:
-            converted = convert(strip_wrappers(state, set(expected)), model)
+            converted = convert(plain, model)
         except Exception:  # noqa: BLE001 - the filter does not apply to this file; keep the plain match
             converted = None
         if isinstance(converted, dict) and converted:

@@ -165,15 +165,23 @@ def _cardboard(rng: np.random.Generator, img: np.ndarray, box: tuple[int, int, i
         img[rows, cols] = _to_uint8(mottle[rows, cols, None] * colour.astype(np.float32)[None, None, :])
     # A dark strip on the cardboard side of each bordered edge: the frame's shadow, outside the pasture box.
     shadow = max(1, int(round(0.006 * min(width, height))))
-    dark = tuple(int(c * 0.45) for c in colour)
+    img[frame_shadow((x0, y0, x1, y1), height, width, shadow)] = tuple(int(c * 0.45) for c in colour)
+
+
+def frame_shadow(box: tuple[int, int, int, int], height: int, width: int, thickness: int) -> np.ndarray:
+    """(height, width) mask of the frame's shadow: a strip `thickness` wide on the cardboard side of each edge of
+    the pasture box `box` (x0, y0, x1, y1) that has cardboard beyond it."""
+    x0, y0, x1, y1 = box
+    dark = np.zeros((height, width), bool)
     if x0 > 0:
-        img[y0:y1, max(0, x0 - shadow):x0] = dark
+        dark[y0:y1, max(0, x0 - thickness):x0] = True
     if x1 < width:
-        img[y0:y1, x1:x1 + shadow] = dark
+        dark[y0:y1, x1:x1 + thickness] = True
     if y0 > 0:
-        img[max(0, y0 - shadow):y0, max(0, x0 - shadow):x1 + shadow] = dark
+        dark[max(0, y0 - thickness):y0, max(0, x0 - thickness):x1 + thickness] = True
     if y1 < height:
-        img[y1:y1 + shadow, max(0, x0 - shadow):x1 + shadow] = dark
+        dark[y1:y1 + thickness, max(0, x0 - thickness):x1 + thickness] = True
+    return dark
 
 
 def _stamp(rng: np.random.Generator, img: np.ndarray, text: str) -> None:
