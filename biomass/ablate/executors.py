@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from biomass.errors import BiomassError, ConfigError
+from biomass.tracking.server import free_port
 
 LAUNCH_MODULE = "accelerate.commands.launch"
 PID_FILE = "child.pid"  # the child's process group while it runs: a resumed sweep stops leftovers of a killed one
@@ -47,12 +48,6 @@ def with_port(cmd: list[str], port: int) -> list[str]:
     """The launch command with accelerate's `--main_process_port` (children running at once must not share one)."""
     i = cmd.index(LAUNCH_MODULE) + 1
     return [*cmd[:i], "--main_process_port", str(port), *cmd[i:]]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def stop_group(pgid: int, grace_s: float = 20.0) -> None:

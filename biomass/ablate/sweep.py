@@ -25,17 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from biomass.ablate.executors import ChildJob, Outcome, make_executor, stop_leftover
-from biomass.ablate.report import (RunResult, add_intervals, fmt_time, print_table, summarise, write_graveyard,
+from biomass.ablate.report import (RunResult, overall_verdict, add_intervals, fmt_time, print_table, summarise, write_graveyard,
                                    write_summary)
 from biomass.ablate.runner import child_command, read_result
-from biomass.ablate.spec import DEPLOYABLE, ORACLE, Ablation, describe, load_ablation
+from biomass.ablate.spec import BASELINE, DEPLOYABLE, ORACLE, Ablation, describe, load_ablation, shown_changes
 from biomass.config.load import Experiment, to_yaml
 from biomass.config.schema import ExperimentConfig
 from biomass.errors import BiomassError, ConfigError, sigterm_interrupts
 from biomass.places import read_json_or, require_writable, write_json
 from biomass.rundir import CONFIG, METRICS, STATUS, stamped_dir
 from biomass.tracking import check_store, tracking_uri
-from biomass.tracking.runs import SweepRuns
+from biomass.tracking.runs import ParentRecord, SweepRuns
 from biomass.tracking.server import UI_PORT, is_http
 
 SWEEP_FILE = "sweep.json"
@@ -191,8 +191,8 @@ def run_sweep(files: list[Path], base: Path | None, overrides: list[str], seeds:
         tracking = None
         try:
             if mlflow_on:
-                tracking = SweepRuns(ablations, seeds, sweep_dir, options.parallel, options.executor, experiment,
-                                 saved)
+                tracking = SweepRuns([parent_record(a, seeds, sweep_dir / a.name) for a in ablations], seeds,
+                                     sweep_dir, options.parallel, options.executor, experiment, saved)
             _save(sweep_dir, saved)
             shared = sum(len(c.uses) for c in children.values()) - len(children)
             print(f"sweep {sweep_dir}: {len(ablations)} ablation(s), {len(children)} distinct runs"
@@ -287,6 +287,19 @@ def _run_children(children: dict[str, Child], ablations: list[Ablation], trackin
     return results
 
 
+def parent_record(ablation: Ablation, seeds: int, out_dir: Path) -> ParentRecord:
+    """The ablation as its MLflow parent run shows it: file, knobs, claim (the run's note) and each variant's changes."""
+    tags = {"ablation": ablation.name, "knobs": ", ".join(ablation.knobs), "base": str(ablation.base),
+            "ablation_file": str(ablation.path), "seeds": str(seeds), "runs_dir": str(out_dir),
+            "overrides": " ".join(ablation.overrides)[:5000],
+            "claim_direction": ", ".join(sorted(set(ablation.directions.values())))}
+    if ablation.claim:
+        tags["mlflow.note.content"] = ablation.claim
+    params = {f"variant.{v.name}": "; ".join(f"{k}: {a} -> {b}" for k, a, b in shown_changes(v.changes))
+              or "(no change)" for v in ablation.variants[1:]}
+    return ParentRecord(ablation.name, tags, {**params, "margin": str(ablation.margin)}, BASELINE)
+
+
 def _finish_ablation(ablation: Ablation, seeds: int, uses: dict[tuple[str, int], str], children: dict[str, Child],
                      results: dict[str, RunResult], sweep_dir: Path, tracking: SweepRuns | None) -> int:
     out = sweep_dir / ablation.name
@@ -307,7 +320,7 @@ def _finish_ablation(ablation: Ablation, seeds: int, uses: dict[tuple[str, int],
     files.append(out / "summary.json")
     print_table(ablation, rows, seeds)
     if tracking is not None:
-        tracking.parents[ablation.name].finish(rows, [*files, out / "ablation.yaml"],
+        tracking.parents[ablation.name].finish(rows, overall_verdict(rows), [*files, out / "ablation.yaml"],
                                                "FINISHED" if any(r.status == "completed" for r in runs) else "FAILED",
                                                links)
     print(f"ablation {ablation.name}: {out / 'comparison.md'}", flush=True)

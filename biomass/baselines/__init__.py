@@ -7,7 +7,6 @@ for all five targets, predictions clipped at 0. It sees no NDVI or Height, like 
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from biomass.baselines.common import long_submission
 from biomass.constants import TARGETS
 from biomass.data.table import read_test, read_train
 from biomass.errors import BiomassError, DataError
+from biomass.rundir import RunDir
 
 
 def colour_features(path: Path) -> np.ndarray:
@@ -96,7 +96,7 @@ def versus_baselines(experiment: Path, work: Path, data: Path | None = None, n_t
             tail = "\n".join(proc.stdout.splitlines()[-15:])
             raise BiomassError(f"{step} of {experiment} failed (exit {proc.returncode}):\n{tail}")
     ours = score_files(data / "solution.csv", sub)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = RunDir(run_dir).metrics()
     return {"experiment": str(experiment), "data": str(data), "ridge": ridge["weighted_r2"],
             "probe": probe["weighted_r2"], "model": ours["weighted_r2"],
             "margin_ridge": ours["weighted_r2"] - ridge["weighted_r2"],

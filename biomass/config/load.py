@@ -25,6 +25,7 @@ from biomass.config.rules import check_rules
 from biomass.config.schema import ExperimentConfig, RegistryRef, plain
 from biomass.errors import ConfigError, suggest
 from biomass.registry import Registry
+from biomass.stages import configured
 
 
 # --------------------------------------------------------------------------------------------------------- loading
@@ -241,14 +242,12 @@ def _check_components(model: BaseModel, prefix: tuple[str, ...]) -> None:
 def _check_augmentations(cfg: ExperimentConfig) -> None:
     from biomass.data.images import build_augment  # albumentations is heavy: import only when validating
 
-    for stage_name in ("main", "aux"):
-        stage = getattr(cfg, stage_name)
-        if stage is None:
-            continue
+    for stage in configured(cfg):
+        stage_cfg = stage.config(cfg)
         for split in ("train", "val"):
-            specs = getattr(stage.augment, split)
-            build_augment(specs, key=f"{stage_name}.augment.{split}")
-            _check_augment_shapes(specs, stage, f"{stage_name}.augment.{split}")
+            specs, key = getattr(stage_cfg.augment, split), f"{stage.name}.augment.{split}"
+            build_augment(specs, key=key)
+            _check_augment_shapes(specs, stage_cfg, key)
 
 
 def _check_augment_shapes(specs: list[dict[str, Any]], stage: Any, key: str) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 
 from biomass.config.schema import ExperimentConfig
 from biomass.errors import ConfigError
+from biomass.stages import configured
 
 
 def planned_folds(stage_cfg: Any) -> list[int] | None:
@@ -20,10 +21,8 @@ def check_rules(cfg: ExperimentConfig) -> None:
     """Rules across keys and stages that would otherwise end a run mid-way or make its submission impossible."""
     import math
 
-    for name in ("main", "aux"):
-        stage = getattr(cfg, name)
-        if stage is None:
-            continue
+    for each in configured(cfg):
+        name, stage = each.name, each.config(cfg)
         n = stage.folds.splitter.get("n_splits")
         if isinstance(n, int) and n < 2:
             raise ConfigError(f"config key '{name}.folds.splitter.n_splits': cross-validation needs at least 2 "

@@ -7,18 +7,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-from biomass.ablate.report import overall_verdict
-from biomass.ablate.spec import BASELINE, Ablation, shown_changes
+from dataclasses import dataclass
+
 from biomass.errors import BiomassError
 from biomass.tracking import experiment_id, git_state, open_client
 from biomass.tracking.server import UI_PORT, TrackingServer, is_http, is_local_store, stop_leftover_server, ui_links
+
+
+@dataclass
+class ParentRecord:
+    """What an ablation's parent run records when it is created, as `biomass.ablate` describes the ablation (this
+    module knows MLflow, not ablation files): its name, tags, params, and the name of its baseline row."""
+    name: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    baseline: str
 
 
 class SweepRuns:
     """The sweep's MLflow side: the tracking URI the children use (a server this sweep starts over a local store
     when children run at once), the sweep run and one parent run per ablation, nested under it."""
 
-    def __init__(self, ablations: list[Ablation], seeds: int, sweep_dir: Path, parallel: int, executor: str,
+    def __init__(self, records: list[ParentRecord], seeds: int, sweep_dir: Path, parallel: int, executor: str,
                  experiment: str, saved: dict[str, Any]):
         import logging
 
@@ -42,7 +52,7 @@ class SweepRuns:
                 self.sweep_run_id = saved["sweep_run_id"]
                 self.client.update_run(self.sweep_run_id, status="RUNNING")
             else:
-                tags = {"role": "sweep", "sweep_dir": str(sweep_dir), "ablations": ", ".join(a.name for a in ablations),
+                tags = {"role": "sweep", "sweep_dir": str(sweep_dir), "ablations": ", ".join(r.name for r in records),
                         "seeds": str(seeds), "executor": executor, "parallel": str(parallel),
                         **git_state(Path(__file__).parent)}
                 self.sweep_run_id = self.client.create_run(self.experiment_id, run_name=f"sweep-{sweep_dir.name}",
@@ -55,8 +65,8 @@ class SweepRuns:
             raise BiomassError(f"MLflow tracking at {self.uri}: cannot start the sweep run "
                                f"({' '.join(str(err).split())[:300]})") from None
         parents = saved.setdefault("parent_run_ids", {})
-        self.parents = {a.name: Parent(self.client, self.experiment_id, a, seeds, sweep_dir / a.name,
-                                       self.sweep_run_id, parents.get(a.name)) for a in ablations}
+        self.parents = {r.name: Parent(self.client, self.experiment_id, r, self.sweep_run_id, parents.get(r.name))
+                        for r in records}
         parents.update({name: p.run_id for name, p in self.parents.items()})
 
     def finish(self, files: list[Path], status: str) -> dict[str, str]:
@@ -84,37 +94,30 @@ class Parent:
     """The ablation's parent MLflow run (a client-side run, so the children run in their own processes), nested under
     the sweep's run. `run_id` continues the parent of a resumed sweep."""
 
-    def __init__(self, client, experiment_id: str, ablation: Ablation, seeds: int, out_dir: Path,
-                 sweep_run_id: str | None, run_id: str | None = None):
+    def __init__(self, client, experiment_id: str, record: ParentRecord, sweep_run_id: str | None,
+                 run_id: str | None = None):
         from mlflow.entities import Param
 
         self.client = client
+        self.baseline = record.baseline
         try:
             if run_id:
                 self.run_id = run_id
                 client.update_run(run_id, status="RUNNING")
                 return
-            tags = {"ablation": ablation.name, "knobs": ", ".join(ablation.knobs), "base": str(ablation.base),
-                    "ablation_file": str(ablation.path), "seeds": str(seeds), "runs_dir": str(out_dir),
-                    "overrides": " ".join(ablation.overrides)[:5000], "role": "ablation",
-                    "claim_direction": ", ".join(sorted(set(ablation.directions.values()))),
-                    **git_state(Path(__file__).parent)}
+            tags = {**record.tags, "role": "ablation", **git_state(Path(__file__).parent)}
             if sweep_run_id:
                 tags["mlflow.parentRunId"] = sweep_run_id
-            if ablation.claim:
-                tags["mlflow.note.content"] = ablation.claim
-            run = client.create_run(experiment_id, run_name=f"ablation-{ablation.name}", tags=tags)
+            run = client.create_run(experiment_id, run_name=f"ablation-{record.name}", tags=tags)
             self.run_id = run.info.run_id
-            params = [Param(f"variant.{v.name}", ("; ".join(f"{k}: {a} -> {b}" for k, a, b in shown_changes(
-                v.changes)) or "(no change)")[:6000]) for v in ablation.variants[1:]]
-            params += [Param("margin", str(ablation.margin))]
+            params = [Param(key, value[:6000]) for key, value in record.params.items()]
             for i in range(0, len(params), 90):
                 client.log_batch(self.run_id, params=params[i:i + 90])
         except Exception as err:  # an unreachable server, a bad URI
             raise BiomassError(f"MLflow tracking at {client.tracking_uri}: cannot start the ablation's parent run "
                                f"({' '.join(str(err).split())[:300]})") from None
 
-    def finish(self, rows: list[dict[str, Any]], files: list[Path], status: str,
+    def finish(self, rows: list[dict[str, Any]], verdict: str, files: list[Path], status: str,
                children: dict[str, str] | None = None) -> None:
         """Scores, Δ (mean ± std over seeds; the bootstrap CI as delta/<variant>/ci_lo, ci_hi), a `verdict` tag per
         variant and overall, and tags `child.<variant>.seed<k>` naming each child's MLflow run (a child shared with
@@ -127,7 +130,7 @@ class Parent:
             for col, metric in (("oracle", "weighted_r2"), ("deployable", "weighted_r2_deployable")):
                 for prefix, value, std in (("cv", row[col], row[f"{col}_std"]),
                                            ("delta", row[f"delta_{col}"], row[f"delta_{col}_std"])):
-                    if prefix == "delta" and row["variant"] == BASELINE:
+                    if prefix == "delta" and row["variant"] == self.baseline:
                         continue
                     if value is not None:
                         metrics.append(Metric(f"{prefix}/{row['variant']}/{metric}", float(value), now, 0))
@@ -141,7 +144,7 @@ class Parent:
         for i in range(0, len(metrics), 900):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 900])
         tags = [RunTag(f"verdict.{r['variant']}", r["verdict"]) for r in rows if r.get("verdict")]
-        tags.append(RunTag("verdict", overall_verdict(rows)))
+        tags.append(RunTag("verdict", verdict))
         tags += [RunTag(f"child.{label}", run_id) for label, run_id in (children or {}).items() if run_id]
         for i in range(0, len(tags), 90):
             self.client.log_batch(self.run_id, tags=tags[i:i + 90])

@@ -12,6 +12,7 @@ import ctypes
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,10 +20,16 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from biomass.ablate.executors import free_port
 from biomass.errors import BiomassError
 
 UI_PORT = 5000  # `mlflow ui`'s default, for the links printed when the sweep's own server is gone
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on now: the tracking server's, and each sweep child's accelerate main-process port."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def scheme(uri: str) -> str:

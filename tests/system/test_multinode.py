@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import DEMO, REPO
 
-from biomass.ablate.executors import free_port
+from biomass.tracking.server import free_port
 
 ARGS = ["main.image.size=[32,32]", "main.train.epochs=1", "main.train.batch_size=4", "data.num_workers=0",
         "main.model.backbone.model_name=resnet10t", "aux=null", "main.folds.splitter.n_splits=2",

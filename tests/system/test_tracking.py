@@ -18,6 +18,7 @@ import sys, time
 from pathlib import Path
 import mlflow
 from biomass.ablate.spec import load_ablation
+from biomass.ablate.sweep import parent_record
 from biomass.tracking.runs import SweepRuns
 
 me, folder, tries, parallel = sys.argv[1], Path(sys.argv[2]), int(sys.argv[5]), int(sys.argv[6])
@@ -27,7 +28,7 @@ for i in range(tries):
     while len(list(folder.glob(f"ready{i}.*"))) < 2:
         time.sleep(0.005)
     mlflow.set_tracking_uri(f"sqlite:///{folder / f'mlflow{i}.db'}")
-    runs = SweepRuns([ablation], 1, folder / f"sweep{i}.{me}", parallel, "local", "sweep", {})
+    runs = SweepRuns([parent_record(ablation, 1, folder)], 1, folder / f"sweep{i}.{me}", parallel, "local", "sweep", {})
     runs.finish([], "FINISHED")
     runs.close()
     print("created", i, runs.sweep_run_id, flush=True)
