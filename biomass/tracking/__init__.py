@@ -4,8 +4,9 @@ functions only, so that importing biomass never needs it.
 
 The store: MLFLOW_TRACKING_URI, else MLflow's default. Whoever creates or first opens a store (a run, a sweep, a
 report, a tracking server) does it through `open_client` / under `store_lock`, one process at a time, and every
-experiment biomass creates is tagged `mlflow.experimentKind: custom_model_development`, so MLflow 3's UI opens it in
-its model-training view (not the GenAI pages).
+experiment biomass creates is tagged `mlflow.experimentKind: custom_model_development`, the tag MLflow 3's UI reads to
+tell model training from GenAI; MLflow 3.17 also needs its browser-wide switch, which the links biomass prints set
+(`tracking.server.MODEL_TRAINING_VIEW`, docs/TRACKING.md).
 
 One run per invocation (params: the flattened resolved config; tags: git commit, dirty flag, experiment file), one
 nested child run per stage and fold. Metric names are stable across runs: `train/loss`, `val/loss`,

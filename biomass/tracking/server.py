@@ -175,11 +175,18 @@ def stop_leftover_server(sid: int | None) -> None:
                     pass
 
 
+# MLflow 3.17's UI picks its pages from a browser-wide "workflow type" (GenAI by default, kept in the browser's local
+# storage) before it reads an experiment's `mlflow.experimentKind` tag: checked in headless Chromium, a tagged
+# experiment still opened on the GenAI overview. A link with this query opens the model-training pages whatever the
+# browser last chose.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def ui_links(base_url: str, experiment_id: str, sweep_run_id: str, parent_run_ids: list[str]) -> dict[str, str]:
-    """Links into MLflow's UI: the sweep run (its ablation parents are nested below it) and the compare page of the
-    ablation parents."""
+    """Links into MLflow's UI, in its model-training view: the sweep run (its ablation parents are nested below it),
+    the experiment, and the compare page of the ablation parents."""
     runs = urllib.parse.quote(json.dumps(parent_run_ids, separators=(",", ":")))
     exps = urllib.parse.quote(json.dumps([experiment_id], separators=(",", ":")))
-    return {"runs": f"{base_url}/#/experiments/{experiment_id}/runs/{sweep_run_id}",
-            "experiment": f"{base_url}/#/experiments/{experiment_id}",
-            "compare": f"{base_url}/#/compare-runs?runs={runs}&experiments={exps}"}
+    return {"runs": f"{base_url}/#/experiments/{experiment_id}/runs/{sweep_run_id}?{MODEL_TRAINING_VIEW}",
+            "experiment": f"{base_url}/#/experiments/{experiment_id}?{MODEL_TRAINING_VIEW}",
+            "compare": f"{base_url}/#/compare-runs?runs={runs}&experiments={exps}&{MODEL_TRAINING_VIEW}"}

@@ -4,8 +4,12 @@ tag MLflow 3's UI reads to open it in its model-training view."""
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -84,3 +88,50 @@ def test_a_training_run_tags_its_experiment(tmp_path, monkeypatch):
     tracker.end()
     found = MlflowClient(tracking_uri=uri).get_experiment_by_name("tagged")
     assert found.tags.get("mlflow.experimentKind") == "custom_model_development"
+
+
+def page_text(url: str) -> str:
+    """The text of a page once its scripts have run, as headless Chromium renders it."""
+    import re
+
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+                          "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+    return " ".join(re.sub(r"<[^>]+>", " ", dom).split())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (apt-get install chromium)")
+def test_the_links_biomass_prints_open_mlflows_model_training_pages(tmp_path):
+    """In a real browser (MLflow 3.17 chooses its GenAI or model-training pages per browser, before any experiment
+    tag): the experiment link of `ui_links` shows the runs table, where the bare experiment URL shows the GenAI
+    overview of the very same tagged experiment."""
+    from biomass.tracking import experiment_id, open_client
+    from biomass.tracking.server import free_port, ui_links
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = open_client(uri)
+    exp = experiment_id(client, "biomass-ui")
+    run = client.create_run(exp, run_name="a-training-run")
+    client.log_metric(run.info.run_id, "cv/weighted_r2", 0.87)
+    client.set_terminated(run.info.run_id)
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                           "--port", str(port)], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(base, timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        links = ui_links(base, exp, run.info.run_id, [run.info.run_id])
+        training = page_text(links["experiment"])
+        assert "a-training-run" in training and "matching run" in training, training[:800]
+        assert "a-training-run" in page_text(links["runs"])
+        bare = page_text(f"{base}/#/experiments/{exp}")
+        assert "Traces" in bare and "a-training-run" not in bare, bare[:800]  # what the tag alone gets
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=60)
