@@ -297,9 +297,9 @@ class FoldTrainer:
 
     def evaluate(self, targets_std: np.ndarray, y_true: np.ndarray, scaler: Scaler, who: str = "validation"
                  ) -> tuple[dict[str, float], np.ndarray]:
-        """Validation loss (standardised space, `targets_std` of every table row) and the stage's scores
-        (original units, `y_true` of the validation rows) of the current model (its EMA with `train.ema`). A
-        non-finite prediction is an error naming `who` (the fold and epoch), never a NaN score."""
+        """Validation loss (standardised space, `targets_std` of the validation rows, in `val_idx` order as the
+        loader's `index`) and the stage's scores (original units, `y_true` likewise) of the current model (its EMA
+        with `train.ema`). A non-finite prediction is an error naming `who` (the fold and epoch), never a NaN score."""
         model, loss_fn = self.scored_model.eval(), self.loss_fn
         raw, index = gather_predictions(self.accelerator, self.val_loader, lambda b: model(b["image"], b["tabular"]))
         loss = validation_loss(loss_fn, raw, targets_std[index], self.cfg.train.val_loss_mean,
@@ -372,7 +372,7 @@ class FoldTrainer:
                     p.requires_grad_(not frozen)
             train_loss = self.train_epoch(epoch, frozen)
             who = f"{self.where(epoch)} (train/loss {train_loss:.4g}), validation"
-            metrics, pred = self.evaluate(y_std, y_all[data.val_idx], scalers["targets"], who)
+            metrics, pred = self.evaluate(y_std[data.val_idx], y_all[data.val_idx], scalers["targets"], who)
             self.step_scheduler(metrics)
             row = {"epoch": epoch, "lr": lr, "train/loss": train_loss, "val/loss": metrics["loss"],
                    "val/score": metrics["score"], **{f"val/{k}": v for k, v in metrics.items() if k.startswith("r2/")}}

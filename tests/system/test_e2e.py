@@ -13,7 +13,7 @@ import pytest
 
 from biomass.constants import TARGETS
 
-from helpers import DEMO, REPO, TINY, train
+from helpers import DEMO, DEMO_FILE, REPO, TINY, train
 
 
 @pytest.fixture(scope="module")
@@ -195,11 +195,22 @@ def test_two_processes_score_every_image_once_and_match_one_process(run_dir, tin
 
 @pytest.mark.slow
 def test_readme_demo_learns(tmp_path):
-    """README's main job, as written: the demo must show real learning (cv/weighted_r2 >= 0.5), in < 10 min."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    """README's main job as a newcomer runs it: the pretrained demo (experiments/demo.yaml, moved under tmp_path with
+    its base made absolute so that its demo data and the converted weights land there, not in the repo or the
+    home cache), through `accelerate launch`. It must learn: its CV and its deployable CV well above 0. (Its time
+    is measured in docs/BENCHMARKS.md; the timeout only stops a hang.)"""
+    experiment = tmp_path / "experiments" / "demo.yaml"
+    experiment.parent.mkdir()
+    text = DEMO_FILE.read_text()
+    assert "base: ../biomass/configs/demo.yaml" in text
+    experiment.write_text(text.replace("base: ../biomass/configs/demo.yaml",
+                                       f"base: {REPO / 'biomass' / 'configs' / 'demo.yaml'}"))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "BIOMASS_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run(["accelerate", "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"),
-                           "-m", "biomass.run", str(DEMO), "--run-dir", str(tmp_path / "run")],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+                           "-m", "biomass.run", str(experiment), "--run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "demo_data" / "train.csv").is_file() and list((tmp_path / "cache").glob("*.safetensors"))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["cv/weighted_r2"] >= 0.5
+    assert metrics["cv/weighted_r2"] >= 0.6 and metrics["cv/weighted_r2_deployable"] >= 0.4, metrics

@@ -78,3 +78,28 @@ def test_seed_streams_are_distinct():
     streams = [loop.INIT_STREAM, loop.TRAIN_ORDER_STREAM, loop.VAL_ORDER_STREAM, loop.DROPOUT_STREAM]
     assert len(set(streams)) == 4
     assert MAIN.seed(7) != AUX.seed(7)
+
+
+@pytest.mark.parametrize("stage", [MAIN, AUX])
+def test_validation_loss_is_the_loss_on_the_validation_rows(stage):
+    """`val/loss` (which picks the best epoch under `select_by: val_loss` and steps a plateau scheduler) is the loss
+    of the fold's own validation predictions against the *validation rows'* targets. The loader's `index` is a
+    position in `val_idx`, so targets looked up by it in the whole table would be the first rows' (training rows
+    here): the loss then scores the wrong images while `val/score` still looks right."""
+    from biomass.engine.build import make_accelerator
+
+    c = cfg("main.image.size=[32,32]", "aux.image.size=[32,32]", "main.train.epochs=1", "aux.train.epochs=1",
+            "main.train.batch_size=4", "aux.train.batch_size=4", "main.train.val_loss_mean=image",
+            "aux.train.val_loss_mean=image", "main.model.backbone.model_name=resnet10t",
+            "aux.model.backbone.model_name=resnet10t")
+    stage_cfg, rows = stage.config(c), table(16)
+    images = np.random.default_rng(1).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    train_idx, val_idx = np.arange(8), np.arange(8, 16)
+    trainer = loop.FoldTrainer(make_accelerator(c), stage, stage_cfg, fold=0, seed=0)
+    result = trainer.fit(loop.FoldData(rows, lambda i: images[i], train_idx, val_idx))
+
+    scaler = loop.fit_scalers(stage, stage_cfg, rows, train_idx)["targets"]
+    y_val = scaler.transform(rows[list(stage.targets)].to_numpy(np.float64)[val_idx]).astype(np.float32)
+    raw = scaler.transform(result.predictions).astype(np.float32)  # SmoothL1 predicts its raw output itself
+    expected = loop.validation_loss(trainer.loss_fn, raw, y_val, "image", 8)
+    assert result.history[0]["val/loss"] == pytest.approx(expected, rel=1e-4)
