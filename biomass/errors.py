@@ -55,13 +55,17 @@ def _raise_interrupt(signum, frame):
 @contextlib.contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """Within: SIGTERM (pre-emption, `kill`) ends the work as Ctrl-C does, with a KeyboardInterrupt, so a run ends
-    KILLED and resumable and a sweep stops its children and its server. The previous handler comes back after; off
-    the main thread (where Python takes no signal handlers) it does nothing."""
+    KILLED and resumable and a sweep stops its children and its server. So does SIGINT where the process started
+    with it ignored: a shell starts a script's background jobs so (`nohup ... &`), and a sweep stops its children
+    with SIGINT. The previous handlers come back after; off the main thread (where Python takes no signal handlers)
+    it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    heard = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else [])
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in heard}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
