@@ -211,6 +211,6 @@ def test_readme_demo_learns(tmp_path):
                            "-m", "biomass.run", str(experiment), "--run-dir", str(tmp_path / "run")],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "demo_data" / "train.csv").is_file() and list((tmp_path / "cache").glob("*.safetensors"))
+    assert (tmp_path / "demo_data" / "train.csv").is_file() and list((tmp_path / "cache").rglob("*.safetensors"))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["cv/weighted_r2"] >= 0.6 and metrics["cv/weighted_r2_deployable"] >= 0.4, metrics
